@@ -1,0 +1,1 @@
+"""Parquet click logs -> Batches, and the built-in synthetic click-log generator."""

@@ -1,0 +1,300 @@
+"""Streams Batches from Parquet files described by a `DataConfig`.
+
+Split: the (file, row group) units of all files, in sorted order, are dealt round-robin to
+the world_size x num_workers readers (reader g = rank * num_workers + worker). Every row is
+read exactly once per epoch. Each reader batches its rows continuously across unit
+boundaries, so its batch count is ceil(rows / batch_size); every rank can compute every other
+rank's count from the Parquet footers alone, without communication (see `batches_per_rank`).
+
+Bad input raises `DataError` naming the file and column: missing file or column, wrong
+column type, a label outside {0, 1}, an out-of-range id under id_policy="error". Null dense
+values are replaced by `dense_fill` and counted; a null label masks that row for that task;
+a null single id gives the row no id for that feature (counted). Out-of-range or negative ids
+under id_policy="hash" are remapped with `hash_ids` (counted).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import COUNTERS, Batch
+from data.schema import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and column at fault."""
+
+
+def resolve_files(patterns: Sequence[str]) -> List[str]:
+    """Files, directories (every *.parquet below) or globs -> sorted, de-duplicated paths."""
+    if not patterns:
+        raise DataError("no input files configured (data.train / data.eval is empty)")
+    files: List[str] = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            found = sorted(str(p) for p in Path(pat).rglob("*.parquet"))
+        elif any(ch in pat for ch in "*?["):
+            found = sorted(glob.glob(pat, recursive=True))
+        else:
+            found = [pat] if os.path.isfile(pat) else []
+        if not found:
+            raise DataError(f"{pat}: no such Parquet file (or the directory/glob matched nothing)")
+        files.extend(found)
+    return sorted(set(files))
+
+
+def _check_type(path: str, column: str, tp: pa.DataType, role: str) -> None:
+    if role == "sparse":
+        ok = pa.types.is_integer(tp) or (
+            (pa.types.is_list(tp) or pa.types.is_large_list(tp)) and pa.types.is_integer(tp.value_type))
+        want = "an integer or list<integer> column (hash string ids upstream)"
+    elif role == "dense":
+        ok = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
+        want = "a numeric column"
+    else:
+        ok = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
+        want = "a numeric 0/1 label column"
+    if not ok:
+        raise DataError(f"{path}: column {column!r} ({role}) has type {tp}; expected {want}")
+
+
+def validate_files(files: Sequence[str], cfg: DataConfig) -> List[int]:
+    """Checks every file's schema against the config; returns rows per row group, flattened
+    in (file, row group) order. Reads only the footers."""
+    rows: List[int] = []
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+        schema = meta.schema_arrow
+        wanted = [(f.column, "sparse") for f in cfg.sparse] + [(c, "dense") for c in cfg.dense] + [
+            (t.column, "label") for t in cfg.tasks]
+        for column, role in wanted:
+            if schema.get_field_index(column) < 0:
+                raise DataError(f"{path}: missing column {column!r} ({role}); "
+                                f"the file has: {', '.join(schema.names)}")
+            _check_type(path, column, schema.field(column).type, role)
+        rows.extend(meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return rows
+
+
+def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List[int]]:
+    """Unit indices per reader g = rank * num_workers + worker (round-robin deal)."""
+    readers = world_size * max(num_workers, 1)
+    return [list(range(g, num_units, readers)) for g in range(readers)]
+
+
+def batches_per_rank(unit_rows: Sequence[int], world_size: int, num_workers: int,
+                     batch_size: int) -> List[int]:
+    nw = max(num_workers, 1)
+    per_reader = [sum(unit_rows[u] for u in units) for units in assign_units(len(unit_rows), world_size, nw)]
+    return [sum(math.ceil(per_reader[r * nw + w] / batch_size) for w in range(nw)) for r in range(world_size)]
+
+
+def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
+    """Deterministic map of arbitrary int64 ids into [0, num_embeddings): a Fibonacci
+    multiplicative hash (x * 0x9E3779B97F4A7C15 mod 2^64, xor-folded by 32 bits), then modulo."""
+    h = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(32)
+    return (h % np.uint64(num_embeddings)).astype(np.int64)
+
+
+@dataclass
+class Chunk:
+    """Decoded rows: dense [R, D], labels/mask [R, M], per feature (lengths [R], values [L])."""
+    dense: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    lengths: List[np.ndarray]
+    values: List[np.ndarray]
+    counters: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return self.dense.shape[0]
+
+    def split(self, n: int) -> Tuple["Chunk", "Chunk"]:
+        """First n rows, rest."""
+        cuts = [int(lens[:n].sum()) for lens in self.lengths]
+        head = Chunk(self.dense[:n], self.labels[:n], self.mask[:n], [l[:n] for l in self.lengths],
+                     [v[:c] for v, c in zip(self.values, cuts)], self.counters)
+        tail = Chunk(self.dense[n:], self.labels[n:], self.mask[n:], [l[n:] for l in self.lengths],
+                     [v[c:] for v, c in zip(self.values, cuts)], np.zeros_like(self.counters))
+        return head, tail
+
+    @staticmethod
+    def concat(a: "Chunk", b: "Chunk") -> "Chunk":
+        return Chunk(np.concatenate([a.dense, b.dense]), np.concatenate([a.labels, b.labels]),
+                     np.concatenate([a.mask, b.mask]),
+                     [np.concatenate([x, y]) for x, y in zip(a.lengths, b.lengths)],
+                     [np.concatenate([x, y]) for x, y in zip(a.values, b.values)], a.counters + b.counters)
+
+
+class ChunkDecoder:
+    """Arrow table of one row group -> Chunk, validating as it goes."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def decode(self, table: pa.Table, path: str) -> Chunk:
+        counters = np.zeros(len(COUNTERS), np.int64)
+        counters[COUNTERS.index("rows")] = table.num_rows
+        dense = np.zeros((table.num_rows, len(self.cfg.dense)), np.float32)
+        for j, col in enumerate(self.cfg.dense):
+            x = table.column(col).to_numpy(zero_copy_only=False).astype(np.float32)
+            bad = np.isnan(x)
+            x[bad] = self.cfg.dense_fill
+            counters[COUNTERS.index("dense_filled")] += int(bad.sum())
+            dense[:, j] = x
+        labels, mask = self._labels(table, path)
+        lengths, values = [], []
+        for f in self.cfg.sparse:
+            lens, vals = self._sparse(table.column(f.column), f.num_embeddings, path, f.column, counters)
+            lengths.append(lens)
+            values.append(vals)
+        return Chunk(dense, labels, mask, lengths, values, counters)
+
+    def _labels(self, table: pa.Table, path: str) -> Tuple[np.ndarray, np.ndarray]:
+        labels = np.zeros((table.num_rows, len(self.cfg.tasks)), np.float32)
+        mask = np.zeros_like(labels)
+        for m, task in enumerate(self.cfg.tasks):
+            y = table.column(task.column).to_numpy(zero_copy_only=False).astype(np.float32)
+            known = ~np.isnan(y)
+            bad = known & (y != 0) & (y != 1)
+            if bad.any():
+                raise DataError(f"{path}: label column {task.column!r} has value {y[bad][0]!r} "
+                                f"(row {int(np.argmax(bad))} of a row group); labels must be 0, 1 or null")
+            labels[:, m] = np.where(known, y, 0.0)
+            mask[:, m] = known
+        return labels, mask
+
+    def _sparse(self, col: pa.ChunkedArray, n: int, path: str, name: str,
+                counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        arr = col.combine_chunks()
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            lengths = arr.value_lengths().fill_null(0).to_numpy().astype(np.int32)
+            flat = arr.flatten()
+            if flat.null_count:
+                raise DataError(f"{path}: column {name!r} has a null id inside a list")
+            ids = flat.to_numpy().astype(np.int64)
+        else:
+            valid = arr.is_valid().to_numpy(zero_copy_only=False)
+            lengths = valid.astype(np.int32)
+            counters[COUNTERS.index("ids_null")] += int((~valid).sum())
+            ids = arr.drop_null().to_numpy().astype(np.int64)
+        out = (ids < 0) | (ids >= n)
+        if out.any():
+            if self.cfg.id_policy == "error":
+                raise DataError(f"{path}: column {name!r} has id {int(ids[out][0])} outside [0, {n}) "
+                                f"(data.id_policy = 'error'; use 'hash' to remap)")
+            ids = ids.copy()
+            ids[out] = hash_ids(ids[out], n)
+            counters[COUNTERS.index("ids_remapped")] += int(out.sum())
+        return lengths, ids
+
+
+def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
+    return Batch(
+        torch.from_numpy(chunk.dense),
+        KeyedJaggedTensor.from_lengths_sync(
+            keys, torch.from_numpy(np.concatenate(chunk.values)),
+            torch.from_numpy(np.concatenate(chunk.lengths))),
+        torch.from_numpy(chunk.labels),
+        torch.from_numpy(chunk.mask),
+        torch.from_numpy(chunk.counters.copy()),
+    )
+
+
+class ParquetBatches(IterableDataset):
+    """One rank's share of the files, as Batches; DataLoader workers split it further.
+
+    Files are opened inside `__iter__` (i.e. in the worker process), never in the parent:
+    pyarrow's thread pools do not survive a fork.
+    """
+
+    def __init__(self, files: Sequence[str], unit_rows: Sequence[int], cfg: DataConfig,
+                 rank: int, world_size: int):
+        self.files, self.cfg, self.rank, self.world_size = list(files), cfg, rank, world_size
+        self.unit_rows = list(unit_rows)
+        self.keys = [f.name for f in cfg.sparse]
+        self.columns = sorted({f.column for f in cfg.sparse} | set(cfg.dense) | {t.column for t in cfg.tasks})
+
+    def _units(self) -> List[Tuple[str, int]]:
+        """(file, row group) pairs in global order."""
+        out = []
+        for path in self.files:
+            n = pq.ParquetFile(path).num_row_groups
+            out.extend((path, i) for i in range(n))
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        nw = self.cfg.num_workers if info is not None else 1
+        worker = info.id if info is not None else 0
+        units = self._units()
+        if len(units) != len(self.unit_rows):
+            raise DataError("input files changed since they were validated")
+        mine = assign_units(len(units), self.world_size, nw)[self.rank * nw + worker]
+        decoder = ChunkDecoder(self.cfg)
+        pending: Optional[Chunk] = None
+        handles: Dict[str, pq.ParquetFile] = {}
+        for u in mine:
+            path, rg = units[u]
+            if path not in handles:
+                handles.clear()  # keep one file open at a time
+                handles[path] = pq.ParquetFile(path)
+            chunk = decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path)
+            pending = chunk if pending is None else Chunk.concat(pending, chunk)
+            while pending.rows >= self.cfg.batch_size:
+                head, pending = pending.split(self.cfg.batch_size)
+                yield chunk_to_batch(head, self.keys)
+        if pending is not None and pending.rows:
+            yield chunk_to_batch(pending, self.keys)
+
+
+class DataSource:
+    """A split (train or eval) as seen by one rank: validated files, the per-rank batch
+    counts, and epochs of exactly `steps_per_epoch` batches (padded, see Batch.padding)."""
+
+    def __init__(self, patterns: Sequence[str], cfg: DataConfig, rank: int, world_size: int,
+                 pin_memory: bool = False):
+        self.cfg, self.rank, self.world_size, self.pin_memory = cfg, rank, world_size, pin_memory
+        self.files = resolve_files(patterns)
+        self.unit_rows = validate_files(self.files, cfg)
+        self.rank_batches = batches_per_rank(self.unit_rows, world_size, cfg.num_workers, cfg.batch_size)
+        self.steps_per_epoch = max(self.rank_batches)
+        self.rows = sum(self.unit_rows)
+        self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64)  # summed as batches are read
+
+    def dataset(self) -> ParquetBatches:
+        return ParquetBatches(self.files, self.unit_rows, self.cfg, self.rank, self.world_size)
+
+    def epoch(self) -> Iterator[Batch]:
+        """This rank's batches for one epoch, then padding batches up to steps_per_epoch."""
+        loader = DataLoader(self.dataset(), batch_size=None, num_workers=self.cfg.num_workers,
+                            pin_memory=self.pin_memory)
+        n = 0
+        for batch in loader:
+            n += 1
+            self.counters += batch.counters
+            yield batch
+        if n != self.rank_batches[self.rank]:
+            raise DataError(f"rank {self.rank} read {n} batches, expected {self.rank_batches[self.rank]}")
+        pad = Batch.padding([f.name for f in self.cfg.sparse], len(self.cfg.dense), len(self.cfg.tasks))
+        for _ in range(self.steps_per_epoch - n):
+            yield pad

@@ -1,0 +1,60 @@
+"""Which Parquet columns feed which part of the model: the `[data]` section of a run config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+@dataclass
+class SparseFeature:
+    """One categorical feature: an int64 id column or a list<int64> multi-hot column.
+
+    Ids outside [0, num_embeddings) are handled by `DataConfig.id_policy`.
+    """
+    name: str
+    num_embeddings: int
+    column: str = ""  # defaults to `name`
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            self.column = self.name
+        if self.num_embeddings <= 0:
+            raise ValueError(f"data.sparse {self.name}: num_embeddings must be > 0")
+
+
+@dataclass
+class Task:
+    """One binary task. A null label masks the row out of this task's loss and metrics."""
+    name: str
+    column: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            self.column = self.name
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=list)  # files, directories or globs
+    eval: List[str] = field(default_factory=list)
+    sparse: List[SparseFeature] = field(default_factory=list)
+    dense: List[str] = field(default_factory=list)
+    tasks: List[Task] = field(default_factory=list)
+    batch_size: int = 512  # per rank
+    num_workers: int = 1  # DataLoader worker processes per rank (0: read in the main process)
+    id_policy: str = "hash"  # "hash": remap out-of-range ids (counted); "error": fail
+    dense_fill: float = 0.0  # value that replaces a null dense feature (counted)
+
+    def __post_init__(self) -> None:
+        if self.id_policy not in ("hash", "error"):
+            raise ValueError(f"data.id_policy must be 'hash' or 'error', got {self.id_policy!r}")
+        if self.batch_size <= 0:
+            raise ValueError("data.batch_size must be > 0")
+        names = [f.name for f in self.sparse] + list(self.dense) + [t.name for t in self.tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"data: names used twice: {sorted(dup)}")
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]

@@ -1,0 +1,1 @@
+"""Command line (`mbrec`), run configs and the torchx component."""

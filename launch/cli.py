@@ -1,0 +1,109 @@
+"""`mbrec` command line.
+
+    mbrec synth  CONFIG                 write the synthetic dataset of [synth]
+    mbrec train  CONFIG                 train in this process (a rank under torchrun/torchx)
+    mbrec launch CONFIG -s local_cwd -j 1x2   train through torchx
+    mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
+    mbrec report RUN_DIR...             results table, report.md and plots of finished runs
+
+Every command takes `--set section.key=value` overrides (TOML values; bare words are strings).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from launch.config import ConfigError, load_config
+
+log = logging.getLogger("mbrec")
+DEMO_CONFIG = "launch/configs/demo.toml"
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+
+
+def cmd_synth(args) -> int:
+    from data.synth import write_dataset
+    write_dataset(load_config(args.config, args.set).synth)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from trainer.loop import train
+    train(load_config(args.config, args.set))
+    return 0
+
+
+def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_args: Optional[str] = None,
+           extra: Optional[List[str]] = None) -> int:
+    """Runs the torchx component; returns the job's exit status (0 only if it succeeded)."""
+    load_config(config, overrides)  # fail fast here on a bad config, not in every rank
+    component = str(Path(__file__).with_name("components.py")) + ":train"
+    cmd = ["torchx", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
+    cmd += [component, "--config", config, "-j", j] + list(extra or []) + ["--"] + list(overrides)
+    log.info("%s", " ".join(cmd))
+    return subprocess.run(cmd).returncode
+
+
+def cmd_launch(args) -> int:
+    return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args,
+                  ["--gpu", str(args.gpu)] if args.gpu else [])
+
+
+def cmd_demo(args) -> int:
+    from launch.demo import run_demo
+    return run_demo(args.config, args.set, args.j)
+
+
+def cmd_report(args) -> int:
+    from launch.report import write_report
+    write_report([Path(d) for d in args.runs], Path(args.out))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _setup_logging()
+    p = argparse.ArgumentParser(prog="mbrec", description="Multi-task recommendation trainer with MultiBalance")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name: str, fn, config_required: bool = True):
+        sp = sub.add_parser(name)
+        if config_required:
+            sp.add_argument("config")
+        else:
+            sp.add_argument("config", nargs="?", default=DEMO_CONFIG)
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("synth", cmd_synth)
+    add("train", cmd_train)
+    sp = add("launch", cmd_launch)
+    sp.add_argument("-s", "--scheduler", default="local_cwd")
+    sp.add_argument("-j", default="1x2", help="NNODESxNPROC_PER_NODE")
+    sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    sp.add_argument("--scheduler-args", default=None, help="torchx -cfg string, e.g. partition=gpu")
+    sp = add("demo", cmd_demo, config_required=False)
+    sp.add_argument("-j", default="1x2")
+    sp = sub.add_parser("report")
+    sp.add_argument("runs", nargs="+")
+    sp.add_argument("--out", default="runs/report")
+    sp.set_defaults(fn=cmd_report)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

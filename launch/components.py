@@ -1,0 +1,51 @@
+"""torchx component: `mbrec train` on nnodes x nproc_per_node workers, any torchx scheduler.
+
+    torchx run -s local_cwd launch/components.py:train --config launch/configs/demo.toml -j 1x2
+    torchx run -s slurm     launch/components.py:train --config launch/configs/h100.toml -j 4x8 --gpu 8
+    torchx run -s kubernetes -cfg queue=default launch/components.py:train --image <img> -j 2x8 --gpu 8
+
+Trailing arguments (after `--`) are config overrides, `section.key=value`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torchx
+from torchx import specs
+from torchx.components import dist
+
+
+def train(
+    *overrides: str,
+    config: str = "launch/configs/demo.toml",
+    j: str = "1x2",
+    name: str = "mbrec",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Trains the multi-task model described by `config`.
+
+    Args:
+        overrides: config overrides, section.key=value
+        config: TOML run config (path inside the image / working directory)
+        j: {nnodes}x{nproc_per_node}
+        name: job name
+        image: image (local_cwd: ignored; the current directory is used)
+        h: named resource (e.g. a cluster's GPU host type)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica
+        env: extra environment variables
+        max_retries: retries of the whole job
+        rdzv_port: rendezvous port on the first node
+    """
+    args = ["train", config] + [a for o in overrides for a in ("--set", o)]
+    return dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
+                    memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
+                    max_retries=max_retries, rdzv_port=rdzv_port)

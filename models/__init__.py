@@ -1,0 +1,1 @@
+"""Model architecture only: no distributed code. Built on the meta device by the trainer."""

@@ -1,0 +1,1 @@
+"""Distributed training: sharding, DMP, the train pipeline, evaluation, checkpoints, logs."""

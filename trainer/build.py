@@ -1,0 +1,109 @@
+"""Build steps: process group -> model on meta -> fused optimizer -> sharding plan -> DMP ->
+dense optimizer -> train pipeline (TorchRec's recommended order)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from balancing import build_balancer
+from balancing.base import GradientBalancer
+from data.schema import DataConfig
+from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
+from trainer.config import OptimConfig, TrainerConfig
+from trainer.task_model import MultiTaskTrain
+
+log = logging.getLogger(__name__)
+
+SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
+                     "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Reads torchrun/torchx variables (a single process without them); nccl on GPUs, gloo on CPU."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device) -> MultiTaskTrain:
+    """Embedding tables on meta (the planner decides where they live), dense parts on device."""
+    ebc = build_ebc([(f.name, f.num_embeddings) for f in data.sparse], model_cfg.embedding_dim,
+                    torch.device("meta"), model_cfg.embedding_precision)
+    model = MultiTaskDCN(ebc, len(data.dense), len(data.tasks), model_cfg, device)
+    return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device))
+
+
+def shard(module: MultiTaskTrain, optim: OptimConfig, trainer: TrainerConfig, env: DistEnv,
+          batch_size: int) -> DistributedModelParallel:
+    sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
+    kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
+    if optim.sparse != "sgd":
+        kwargs["eps"] = optim.eps
+    apply_optimizer_in_backward(sparse_cls, module.model.ebc.parameters(), kwargs)
+    sharding_types = trainer.sharding_types or (["table_wise"] if env.device.type == "cpu" else [])
+    constraints = {cfg.name: ParameterConstraints(sharding_types=sharding_types)
+                   for cfg in module.model.ebc.embedding_bag_configs()} if sharding_types else None
+    topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size,
+                        compute_device=env.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    sharders: List = get_default_sharders()
+    plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    if env.is_main:
+        log.info("sharding plan:\n%s", plan)
+    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    balancer = module.balancer
+    if isinstance(balancer, GradientBalancer) and env.world_size > 1:
+        # A group of its own: its all-reduce runs inside the backward, next to DDP's buckets.
+        balancer.process_group = dist.new_group(backend=dist.get_backend())
+    return dmp
+
+
+def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
+    dense_cls = DENSE_OPTIMIZERS[optim.dense]
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(dense_params, lambda params: dense_cls(params, lr=optim.dense_lr))
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def build_pipeline(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+                   env: DistEnv) -> TrainPipelineSparseDist:
+    return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)

@@ -6,7 +6,7 @@
 
 Trailing arguments (after `--`) are config overrides, `section.key=value`.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: torchx decodes the parameter types at runtime.
 
 from typing import Dict, Optional
 

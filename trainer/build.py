@@ -64,12 +64,13 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, device)
 
 
-def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device) -> MultiTaskTrain:
+def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device,
+                       loss_normalization: str = "batch") -> MultiTaskTrain:
     """Embedding tables on meta (the planner decides where they live), dense parts on device."""
     ebc = build_ebc([(f.name, f.num_embeddings) for f in data.sparse], model_cfg.embedding_dim,
                     torch.device("meta"), model_cfg.embedding_precision)
     model = MultiTaskDCN(ebc, len(data.dense), len(data.tasks), model_cfg, device)
-    return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device))
+    return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization)
 
 
 def shard(module: MultiTaskTrain, optim: OptimConfig, trainer: TrainerConfig, env: DistEnv,

@@ -25,6 +25,7 @@ class TrainerConfig:
     resume: bool = True  # continue from out_dir/checkpoint if one exists
     seed: int = 0
     sharding_types: List[str] = field(default_factory=list)  # planner's choice if empty
+    loss_normalization: str = "batch"  # batch | labelled (see trainer.task_model)
     precision: str = "fp32"  # dense part: fp32 | tf32 | bf16
     progress_bar: bool = True
     save_predictions: bool = False  # write the final eval predictions per rank (.npy)

@@ -73,7 +73,7 @@ def train(cfg) -> Dict:
     pin = env.device.type == "cuda"
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin)
     eval_src = DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin)
-    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device)
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization)
     dmp = shard(module, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
     optimizer = build_optimizer(dmp, cfg.optim)
     pipeline = build_pipeline(dmp, optimizer, env)
@@ -87,7 +87,7 @@ def train(cfg) -> Dict:
     total = cfg.trainer.max_steps or cfg.trainer.epochs * train_src.steps_per_epoch
     stream = batch_stream(train_src, step)
     bar = tqdm(total=total, initial=step, disable=not (env.is_main and cfg.trainer.progress_bar),
-               desc=f"train {cfg.balancer.method}", dynamic_ncols=True)
+               desc=f"train {cfg.balancer.method}", mininterval=2.0)
     boundaries = [b for b in (cfg.trainer.eval_every, cfg.trainer.checkpoint_every) if b > 0]
     t_train = 0.0
     with precision_context(cfg.trainer.precision, env.device):
@@ -107,6 +107,8 @@ def train(cfg) -> Dict:
     checkpoint.save(out / "checkpoints", dmp, optimizer, step)
     counters = _all_reduce_counters(train_src, env.device)
     summary = {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
+               "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],
+               "eval_files": eval_src.files,
                "eval": final, "train_reader": counters,
                "eval_reader": _all_reduce_counters(eval_src, env.device),
                "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),

@@ -12,24 +12,37 @@ from data.batch import Batch
 from models.mtl import MultiTaskDCN
 
 
-def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-task mean BCE over the rows labelled for that task. logits/labels/mask [B, M] -> [M].
+NORMALIZATIONS = ("batch", "labelled")
 
-    A task with no labelled row gets loss 0 and zero gradient (the count is clamped to 1,
-    never a 0/0)."""
+
+def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                       normalization: str = "batch") -> torch.Tensor:
+    """Per-task BCE summed over the rows labelled for that task. logits/labels/mask [B, M] -> [M].
+
+    normalization "batch": divided by the batch size B, so every impression weighs the same
+    and a sparsely labelled task (CVR: clicked rows only) has a proportionally smaller loss
+    and gradient, as in production ranking models; "labelled": the mean over the task's
+    labelled rows. A task with no labelled row gets loss 0 and zero gradient either way (the
+    count is clamped to 1, never a 0/0)."""
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # [B, M]
-    return (bce * mask).sum(0) / mask.sum(0).clamp(min=1.0)
+    total = (bce * mask).sum(0)  # [M]
+    if normalization == "labelled":
+        return total / mask.sum(0).clamp(min=1.0)
+    return total / logits.shape[0]  # B >= 1: padding batches have one row
 
 
 class MultiTaskTrain(nn.Module):
-    def __init__(self, model: MultiTaskDCN, balancer: Balancer):
+    def __init__(self, model: MultiTaskDCN, balancer: Balancer, loss_normalization: str = "batch"):
         super().__init__()
+        if loss_normalization not in NORMALIZATIONS:
+            raise ValueError(f"trainer.loss_normalization must be one of {NORMALIZATIONS}")
         self.model = model
         self.balancer = balancer
+        self.loss_normalization = loss_normalization
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         h = self.model.representation(batch.dense_features, batch.sparse_features)  # [B, n']
         logits = self.model.task_logits(self.balancer(h))  # [B, M]
-        losses = masked_task_losses(logits, batch.labels, batch.label_mask)  # [M]
+        losses = masked_task_losses(logits, batch.labels, batch.label_mask, self.loss_normalization)  # [M]
         loss = self.balancer.combine_losses(losses)
         return loss, (losses.detach(), torch.sigmoid(logits.detach()), batch.labels, batch.label_mask)

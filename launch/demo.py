@@ -1,0 +1,45 @@
+"""`mbrec demo`: the synthetic dataset, two 2-rank torchx runs (equal weights, MultiBalance)
+and the comparison report."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import List
+
+from data.synth import write_dataset
+from launch.cli import launch
+from launch.config import load_config
+from launch.report import write_report
+
+log = logging.getLogger(__name__)
+METHODS = ("equal", "multibalance")
+
+
+def ensure_dataset(synth_cfg) -> None:
+    """(Re)generates the dataset unless one made with the same settings is there."""
+    stamp = Path(synth_cfg.out_dir) / "_synth.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(synth_cfg):
+        log.info("dataset %s is up to date", synth_cfg.out_dir)
+        return
+    write_dataset(synth_cfg)
+    stamp.write_text(json.dumps(asdict(synth_cfg)))
+
+
+def run_demo(config: str, overrides: List[str], j: str, out: str = "runs/demo") -> int:
+    cfg = load_config(config, overrides)
+    ensure_dataset(cfg.synth)
+    runs = []
+    for method in METHODS:
+        run_dir = Path(out) / method
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
+        rc = launch(config, list(overrides) + [f"balancer.method={method}", f"trainer.out_dir={run_dir}"],
+                    "local_cwd", j)
+        if rc != 0:
+            log.error("the %s run failed (exit status %d); no results reported", method, rc)
+            return rc
+        runs.append(run_dir)
+    write_report(runs, Path(out))
+    return 0

@@ -151,7 +151,7 @@ class ChunkDecoder:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
-    def decode(self, table: pa.Table, path: str) -> Chunk:
+    def decode(self, table: pa.Table, path: str, rg: int) -> Chunk:
         counters = np.zeros(len(COUNTERS), np.int64)
         counters[COUNTERS.index("rows")] = table.num_rows
         dense = np.zeros((table.num_rows, len(self.cfg.dense)), np.float32)
@@ -161,7 +161,7 @@ class ChunkDecoder:
             x[bad] = self.cfg.dense_fill
             counters[COUNTERS.index("dense_filled")] += int(bad.sum())
             dense[:, j] = x
-        labels, mask = self._labels(table, path)
+        labels, mask = self._labels(table, path, rg)
         lengths, values = [], []
         for f in self.cfg.sparse:
             lens, vals = self._sparse(table.column(f.column), f.num_embeddings, path, f.column, counters)
@@ -169,7 +169,7 @@ class ChunkDecoder:
             values.append(vals)
         return Chunk(dense, labels, mask, lengths, values, counters)
 
-    def _labels(self, table: pa.Table, path: str) -> Tuple[np.ndarray, np.ndarray]:
+    def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
         labels = np.zeros((table.num_rows, len(self.cfg.tasks)), np.float32)
         mask = np.zeros_like(labels)
         for m, task in enumerate(self.cfg.tasks):
@@ -177,8 +177,8 @@ class ChunkDecoder:
             known = ~np.isnan(y)
             bad = known & (y != 0) & (y != 1)
             if bad.any():
-                raise DataError(f"{path}: label column {task.column!r} has value {y[bad][0]!r} "
-                                f"(row {int(np.argmax(bad))} of a row group); labels must be 0, 1 or null")
+                raise DataError(f"{path}: label column {task.column!r} has value {float(y[bad][0]):g} "
+                                f"(row {int(np.argmax(bad))} of row group {rg}); labels must be 0, 1 or null")
             labels[:, m] = np.where(known, y, 0.0)
             mask[:, m] = known
         return labels, mask
@@ -258,7 +258,7 @@ class ParquetBatches(IterableDataset):
             if path not in handles:
                 handles.clear()  # keep one file open at a time
                 handles[path] = pq.ParquetFile(path)
-            chunk = decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path)
+            chunk = decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path, rg)
             pending = chunk if pending is None else Chunk.concat(pending, chunk)
             while pending.rows >= self.cfg.batch_size:
                 head, pending = pending.split(self.cfg.batch_size)

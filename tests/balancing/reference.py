@@ -1,0 +1,56 @@
+"""An independent, literal implementation of MultiBalance (Algorithm 3) on explicit gradient
+matrices, in numpy float64: it builds v_m and a = sum_m d_m v_m as vectors (no Gram-matrix
+algebra) and projects onto the simplex by bisection on the threshold (no sorting)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def project_simplex_bisect(y: np.ndarray, mass: float = 1.0) -> np.ndarray:
+    """argmin ||x - y|| on {x >= 0, sum x = mass}: x = max(y - t, 0) with t found by bisection."""
+    lo, hi = y.min() - mass, y.max()
+    for _ in range(200):
+        t = (lo + hi) / 2
+        if np.maximum(y - t, 0).sum() > mass:
+            lo = t
+        else:
+            hi = t
+    return np.maximum(y - (lo + hi) / 2, 0)
+
+
+class ReferenceMultiBalance:
+    def __init__(self, m: int, beta: float, rho: float, gamma: float, ema: bool, cosine: bool,
+                 scale_by_tasks: bool = True):
+        self.lam = np.full(m, 1.0 / m)
+        self.prior = np.full(m, 1.0 / m)
+        self.u = np.zeros(m)
+        self.seen = np.zeros(m, bool)
+        self.beta, self.rho, self.gamma, self.ema, self.cosine = beta, rho, gamma, ema, cosine
+        self.scale = m if scale_by_tasks else 1.0
+
+    def step(self, g: np.ndarray) -> np.ndarray:
+        """g [M, K] task gradients -> combined gradient [K]; updates lambda."""
+        m = g.shape[0]
+        v = np.zeros_like(g)
+        active = np.array([np.linalg.norm(g[i]) > 0 for i in range(m)])
+        for i in range(m):
+            n = np.linalg.norm(g[i])
+            if not active[i]:
+                continue
+            if self.ema:
+                self.u[i] = (1 - self.gamma) * self.u[i] + self.gamma * n if self.seen[i] else n
+                self.seen[i] = True
+                v[i] = self.u[i] / n * g[i]
+            else:
+                v[i] = g[i]
+        a = sum((self.lam[i] + self.rho * self.prior[i]) * v[i] for i in range(m))
+        direction = np.array([v[i] @ a for i in range(m)])
+        if self.cosine:
+            direction = np.array([
+                v[i] @ a / (np.linalg.norm(v[i]) * np.linalg.norm(a)) if active[i] else 0.0
+                for i in range(m)])
+        y = self.lam - self.beta * direction
+        new = self.lam.copy()
+        new[active] = project_simplex_bisect(y[active], 1.0 - self.lam[~active].sum())
+        self.lam = new
+        return self.scale * sum(self.lam[i] * v[i] for i in range(m))

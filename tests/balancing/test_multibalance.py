@@ -1,0 +1,127 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from balancing import BalancerConfig, build_balancer
+from balancing.multibalance import MultiBalance, MultiBalanceConfig
+from tests.balancing.reference import ReferenceMultiBalance
+from tests.dist_utils import init_gloo, run_ranks
+
+M, B, N = 3, 16, 8
+
+
+def backward_through(balancer, grads):
+    """Runs the fan-out with task losses whose gradient w.r.t. copy m is grads[m] exactly;
+    returns the gradient that reaches h. grads [M, B, N]."""
+    h = torch.zeros(B, N, dtype=grads.dtype, requires_grad=True)
+    copies = balancer(h)
+    loss = balancer.combine_losses(torch.stack([(c * g).sum() for c, g in zip(copies, grads)]))
+    loss.backward()
+    return h.grad
+
+
+def random_grads(rng, step, zero_task=None):
+    # tasks of very different magnitudes, partly conflicting (like CTR vs CVR)
+    scales = np.array([5.0, 0.5, 0.05]) * (1 + 0.3 * np.sin(step))
+    g = rng.normal(size=(M, B, N)) * scales[:, None, None]
+    g[1] -= 0.3 * g[0]
+    if zero_task is not None:
+        g[zero_task] = 0
+    return g
+
+
+@pytest.mark.parametrize("ema,cosine", list(itertools.product([True, False], [True, False])))
+def test_matches_reference_over_steps(ema, cosine):
+    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine)
+    mb = MultiBalance(M, cfg).double()
+    ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, ema, cosine)
+    rng = np.random.default_rng(0)
+    for step in range(8):
+        g = random_grads(rng, step, zero_task=2 if step == 4 else None)
+        got = backward_through(mb, torch.tensor(g))
+        want = ref.step(g.reshape(M, -1)).reshape(B, N)
+        np.testing.assert_allclose(mb.weights.numpy(), ref.lam, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-9)
+    # the weights moved away from uniform: the test is not vacuous
+    assert np.abs(ref.lam - 1 / M).max() > 0.05
+
+
+def test_gradient_form_with_large_beta_matches_reference():
+    cfg = MultiBalanceConfig(beta=50.0, rho=0.1, gamma=0.5, ema=True, cosine=False, scale_by_tasks=False)
+    mb = MultiBalance(M, cfg).double()
+    ref = ReferenceMultiBalance(M, 50.0, 0.1, 0.5, True, False, scale_by_tasks=False)
+    rng = np.random.default_rng(1)
+    for step in range(5):
+        g = random_grads(rng, step)
+        got = backward_through(mb, torch.tensor(g))
+        np.testing.assert_allclose(got.numpy(), ref.step(g.reshape(M, -1)).reshape(B, N), rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(mb.weights.numpy(), ref.lam, rtol=1e-7, atol=1e-9)
+
+
+def test_zero_gradient_task_gives_no_nan_and_keeps_its_weight():
+    mb = MultiBalance(M, MultiBalanceConfig(beta=2.0)).double()
+    rng = np.random.default_rng(2)
+    backward_through(mb, torch.tensor(random_grads(rng, 0)))
+    before = mb.weights.clone()
+    ema_before = mb.ema_norm.clone()
+    got = backward_through(mb, torch.tensor(random_grads(rng, 1, zero_task=1)))
+    assert torch.isfinite(got).all() and torch.isfinite(mb.weights).all()
+    assert mb.weights[1] == before[1] and mb.ema_norm[1] == ema_before[1]
+    assert abs(float(mb.weights.sum()) - 1) < 1e-12
+    # all tasks without labels: nothing moves, the gradient is zero
+    before = mb.weights.clone()
+    got = backward_through(mb, torch.zeros(M, B, N, dtype=torch.float64))
+    torch.testing.assert_close(mb.weights, before)
+    assert (got == 0).all()
+
+
+def test_equal_and_fixed_weights():
+    g = torch.randn(M, B, N, dtype=torch.float64)
+    eq = build_balancer(BalancerConfig(method="equal"), M).double()
+    torch.testing.assert_close(backward_through(eq, g), g.sum(0))
+    cfg = BalancerConfig(method="fixed")
+    cfg.fixed.weights = [1.0, 2.0, 0.5]
+    fx = build_balancer(cfg, M).double()
+    torch.testing.assert_close(backward_through(fx, g), g[0] + 2 * g[1] + 0.5 * g[2])
+
+
+def test_uniform_weights_without_ema_equal_the_sum():
+    """With beta = 0 the weights stay at the uniform prior; M * sum(lambda v) = sum(g)."""
+    mb = MultiBalance(M, MultiBalanceConfig(beta=0.0, ema=False)).double()
+    g = torch.randn(M, B, N, dtype=torch.float64)
+    torch.testing.assert_close(backward_through(mb, g), g.sum(0))
+
+
+def _two_rank_step(seed: int):
+    """Each rank backpropagates its half of a global batch; returns (weights, local grad)."""
+    init_gloo()
+    rank = torch.distributed.get_rank()
+    rng = np.random.default_rng(seed)
+    global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(4)]
+    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3)).double()
+    out = []
+    for g in global_g:
+        # the global loss is the mean of the two local losses
+        local = torch.tensor(g[:, rank])  # = 2 x its slice of the global gradient g / 2
+        h = torch.zeros(B // 2, N, dtype=torch.float64, requires_grad=True)
+        copies = mb(h)
+        sum(((c * gm).sum() for c, gm in zip(copies, local))).backward()
+        out.append((mb.weights.numpy().copy(), h.grad.numpy().copy()))
+    return out
+
+
+def test_two_ranks_agree_with_the_global_reference():
+    results = run_ranks(_two_rank_step, (3,))
+    rng = np.random.default_rng(3)
+    ref = ReferenceMultiBalance(M, 1.0, 0.1, 0.3, True, True)
+    for s in range(4):
+        g = random_grads(rng, s)  # [M, B, N]: the global gradient is g / 2 (mean over 2 ranks)
+        want = ref.step(g.reshape(M, -1) / 2).reshape(B, N)
+        w0, grad0 = results[0][s]
+        w1, grad1 = results[1][s]
+        np.testing.assert_array_equal(w0, w1)
+        np.testing.assert_allclose(w0, ref.lam, rtol=1e-7, atol=1e-9)
+        # each rank's combined local gradient, /2 (DDP's mean), is its half of the global one
+        np.testing.assert_allclose(np.concatenate([grad0, grad1]) / 2, want, rtol=1e-7, atol=1e-9)

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+
+from balancing.simplex import project_simplex
+from tests.balancing.reference import project_simplex_bisect
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_projection_matches_definition(m):
+    rng = np.random.default_rng(m)
+    for _ in range(50):
+        y = rng.normal(scale=2.0, size=m)
+        x = project_simplex(torch.tensor(y, dtype=torch.float64)).numpy()
+        assert x.min() >= 0 and abs(x.sum() - 1) < 1e-9
+        np.testing.assert_allclose(x, project_simplex_bisect(y), atol=1e-9)
+        # the definition: no point of the simplex is closer to y
+        z = rng.dirichlet(np.ones(m), size=200)
+        assert (np.linalg.norm(z - y, axis=1) >= np.linalg.norm(x - y) - 1e-12).all()
+
+
+def test_point_on_simplex_is_fixed():
+    x = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(project_simplex(x), x)
+
+
+def test_inactive_entries_keep_their_value():
+    y = torch.tensor([0.9, -3.0, 0.4, 0.1], dtype=torch.float64)
+    old = torch.tensor([0.25, 0.4, 0.25, 0.1], dtype=torch.float64)
+    active = torch.tensor([True, False, True, True])
+    x = project_simplex(y, active, old)
+    assert x[1] == 0.4
+    assert abs(float(x.sum()) - 1) < 1e-12
+    np.testing.assert_allclose(x[active].numpy(), project_simplex_bisect(y[active].numpy(), 0.6), atol=1e-9)
+
+
+def test_no_active_entry_returns_fallback():
+    old = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    x = project_simplex(torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([False, False]), old)
+    torch.testing.assert_close(x, old)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -39,6 +40,11 @@ def latest(root: str | Path) -> Optional[Path]:
 
 def load(path: str | Path, dmp, optimizer) -> int:
     """Loads in place; returns the step the checkpoint was taken at."""
+    # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP
+    # loads in place, so it must exist first. Fused embedding optimizers have theirs already.
+    for _, opt in optimizer.optimizers:
+        if isinstance(opt, KeyedOptimizerWrapper):
+            opt.init_state()
     state = _state(dmp, optimizer, 0)
     dcp.load(state, checkpoint_id=str(path))
     dmp.load_state_dict(state["model"])

@@ -102,8 +102,8 @@ def generate_rows(cfg: SynthConfig, n: int, rng: np.random.Generator, latents) -
             lengths = rng.poisson(mean_len, n)
             ids = _zipf_ids(rng, int(lengths.sum()), card, cfg.zipf_a, perm)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
-            sums = np.add.reduceat(table[ids], offsets[:-1], axis=0) if len(ids) else np.zeros((n, 4))
-            sums[lengths == 0] = 0.0  # reduceat repeats a row for empty segments
+            cs = np.vstack([np.zeros((1, 4)), np.cumsum(table[ids], axis=0)])  # segment sums
+            sums = cs[offsets[1:]] - cs[offsets[:-1]]  # [n, 4]; 0 for empty lists
             z += sums / np.maximum(lengths, 1)[:, None]
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ids, pa.int64()))
     d = rng.normal(size=(n, NUM_DENSE))

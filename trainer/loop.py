@@ -139,4 +139,4 @@ def _train_segment(pipeline, it, step: int, log_every: int, balancer, tasks, run
             for name, values in balancer.stats().items():
                 record.update(_per_task(name, values, tasks))
             runlog.write("train", step, record)
-            bar.set_postfix(loss=f"{float(losses.sum()):.4f}")
+            bar.set_postfix(loss=f"{float(losses.sum()):.4f}", refresh=False)

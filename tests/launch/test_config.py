@@ -1,0 +1,44 @@
+import pytest
+
+from launch.config import ConfigError, RunConfig, dump_toml, load_config
+
+DEMO = "launch/configs/demo.toml"
+
+
+def test_demo_config_parses_into_typed_sections():
+    cfg = load_config(DEMO)
+    assert isinstance(cfg, RunConfig)
+    assert [t.name for t in cfg.data.tasks] == ["ctr", "cvr", "conv"]
+    assert cfg.data.sparse[0].column == "user_id" and cfg.data.sparse[0].num_embeddings == 20_000
+    assert cfg.balancer.method == "multibalance" and cfg.balancer.multibalance.beta == 1.0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(DEMO, ["balancer.multibalance.beta=5", "trainer.max_steps=7",
+                             "balancer.method=equal", "model.shared_arch=[8, 4]"])
+    assert cfg.balancer.multibalance.beta == 5.0 and isinstance(cfg.balancer.multibalance.beta, float)
+    assert cfg.trainer.max_steps == 7 and cfg.balancer.method == "equal"
+    assert cfg.model.shared_arch == [8, 4]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.max_stepz=3", "unknown config key.*trainer.max_stepz"),
+    ("trainer.max_steps=many", "trainer.max_steps: expected int"),
+    ("balancer.method=magic", "balancer.method 'magic' unknown"),
+])
+def test_bad_overrides_are_named(override, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        load_config(DEMO, [override])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(DEMO, ["balancer.fixed.weights=[1.0, 2.0, 3.0]"])
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+    for path in Path("launch/configs").glob("*.toml"):
+        load_config(path)

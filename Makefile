@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps torchrec==1.8.0
 	$(PIP) tensordict torchmetrics==1.0.3 pyre-extensions tqdm iopath torchx==0.7.0 \
 	    pyarrow pytest numpy tensorboard matplotlib
+	$(PIP) --no-deps torchjd==0.18.0  # test-only: independent reference implementations
 	$(PIP) --no-deps -e .
 	touch $@
 

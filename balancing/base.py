@@ -27,7 +27,11 @@ class Balancer(nn.Module):
     def __init__(self, num_tasks: int):
         super().__init__()
         self.num_tasks = num_tasks
+        self.process_group: Optional[dist.ProcessGroup] = None  # set by the trainer
         self.register_buffer("weights", torch.ones(num_tasks))  # [M] current task weights
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the model; methods that need its parameters take them here."""
 
     def forward(self, h: torch.Tensor) -> List[torch.Tensor]:
         return [h] * self.num_tasks
@@ -64,7 +68,6 @@ class GradientBalancer(Balancer):
 
     def __init__(self, num_tasks: int):
         super().__init__(num_tasks)
-        self.process_group: Optional[dist.ProcessGroup] = None
         self.register_buffer("grad_norm", torch.zeros(num_tasks))  # [M] ||g_m|| before
         self.register_buffer("grad_norm_balanced", torch.zeros(num_tasks))  # [M] after
 

@@ -19,7 +19,6 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import build_balancer
-from balancing.base import GradientBalancer
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer.config import OptimConfig, TrainerConfig
@@ -91,10 +90,10 @@ def shard(module: MultiTaskTrain, optim: OptimConfig, trainer: TrainerConfig, en
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
-    balancer = module.balancer
-    if isinstance(balancer, GradientBalancer) and env.world_size > 1:
-        # A group of its own: its all-reduce runs inside the backward, next to DDP's buckets.
-        balancer.process_group = dist.new_group(backend=dist.get_backend())
+    if env.world_size > 1:
+        # A group of its own: a balancer's all-reduce runs inside the backward (or forward),
+        # next to DDP's buckets, and must not interleave with them.
+        module.balancer.process_group = dist.new_group(backend=dist.get_backend())
     return dmp
 
 

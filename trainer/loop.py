@@ -112,7 +112,7 @@ def train(cfg) -> Dict:
                "eval": final, "train_reader": counters,
                "eval_reader": _all_reduce_counters(eval_src, env.device),
                "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),
-               "final_weights": balancer.weights.tolist()}
+               "final_weights": balancer.stats()["weight"].tolist()}
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
     if env.is_main:

@@ -38,6 +38,7 @@ class MultiTaskTrain(nn.Module):
             raise ValueError(f"trainer.loss_normalization must be one of {NORMALIZATIONS}")
         self.model = model
         self.balancer = balancer
+        balancer.attach(model)
         self.loss_normalization = loss_normalization
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:

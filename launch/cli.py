@@ -43,12 +43,14 @@ def cmd_train(args) -> int:
 
 
 def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_args: Optional[str] = None,
-           extra: Optional[List[str]] = None) -> int:
-    """Runs the torchx component; returns the job's exit status (0 only if it succeeded)."""
+           extra: Optional[List[str]] = None, component_fn: str = "train") -> int:
+    """Runs a torchx component of launch/components.py; returns the job's exit status (0 only
+    if it succeeded)."""
     load_config(config, overrides)  # fail fast here on a bad config, not in every rank
-    component = str(Path(__file__).with_name("components.py")) + ":train"
+    component = str(Path(__file__).with_name("components.py")) + ":" + component_fn
     cmd = ["torchx", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
-    cmd += [component, "--config", config, "-j", j] + list(extra or []) + ["--"] + list(overrides)
+    cmd += [component, "--config", config, "-j", j] + list(extra or [])
+    cmd += ["--"] + list(overrides) if overrides else []
     log.info("%s", " ".join(cmd))
     return subprocess.run(cmd).returncode
 
@@ -61,6 +63,36 @@ def cmd_launch(args) -> int:
 def cmd_demo(args) -> int:
     from launch.demo import run_demo
     return run_demo(args.config, args.set, args.j)
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from launch.compare import ALL_METHODS, plan, write_compare_report
+    from launch.demo import ensure_dataset
+    out = Path(args.out)
+    methods = args.methods.split(",") if args.methods else ALL_METHODS
+    if "equal" not in methods:
+        methods = ["equal"] + methods
+    overrides = list(args.set) + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
+    ensure_dataset(load_config(args.config, overrides).synth) if args.synth else None
+    entries = plan(args.config, overrides, methods, [float(b) for b in args.betas.split(",") if b],
+                   args.seeds, not args.no_single_task, out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    plan_file.write_text(json.dumps(entries, indent=1))
+    rc = launch(args.config, [], args.scheduler, args.j, component_fn="compare",
+                extra=["--plan", str(plan_file)])
+    if rc != 0:
+        log.error("the compare job failed (exit status %d); no report written", rc)
+        return rc
+    write_compare_report(out)
+    return 0
+
+
+def cmd_compare_worker(args) -> int:
+    from launch.compare import run_plan
+    return run_plan(args.config, args.plan)
 
 
 def cmd_report(args) -> int:
@@ -93,6 +125,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--scheduler-args", default=None, help="torchx -cfg string, e.g. partition=gpu")
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default="1x2")
+    sp = add("compare", cmd_compare, config_required=False)
+    sp.add_argument("--methods", default="", help="comma-separated; default: all")
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--betas", default="0.5,2,5", help="MultiBalance beta sweep (besides the config's)")
+    sp.add_argument("--steps", type=int, default=1000, help="training steps per run (0: the config's)")
+    sp.add_argument("--no-single-task", action="store_true")
+    sp.add_argument("--no-synth", dest="synth", action="store_false", help="do not generate the dataset")
+    sp.add_argument("--out", default="runs/compare")
+    sp.add_argument("-s", "--scheduler", default="local_cwd")
+    sp.add_argument("-j", default="1x2")
+    sp = add("compare-worker", cmd_compare_worker)
+    sp.add_argument("--plan", required=True)
     sp = sub.add_parser("report")
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")

@@ -49,3 +49,34 @@ def train(
     return dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
                     memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
                     max_retries=max_retries, rdzv_port=rdzv_port)
+
+
+def compare(
+    config: str = "launch/configs/demo.toml",
+    plan: str = "runs/compare/plan.json",
+    j: str = "1x2",
+    name: str = "mbrec-compare",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Runs the planned runs of `mbrec compare` one after another in one job.
+
+    Args:
+        config: TOML run config
+        plan: JSON list of (variant, seed, overrides) written by `mbrec compare`
+        j: {nnodes}x{nproc_per_node}
+        name: job name
+        image: image (local_cwd: ignored)
+        h: named resource
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica
+        rdzv_port: rendezvous port on the first node
+    """
+    return dist.ddp("compare-worker", config, "--plan", plan, m="launch.cli", image=image, name=name,
+                    h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
+                    rdzv_port=rdzv_port)

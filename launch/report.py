@@ -54,7 +54,7 @@ def _read_jsonl(path: Path, kind: str) -> List[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-def plot_balancing(run: Path, tasks: List[str], out: Path) -> Optional[Path]:
+def plot_balancing(run: Path, tasks: List[str], out: Path, name: str = "") -> Optional[Path]:
     """Gradient magnitudes before balancing, task weights, magnitudes after (paper Fig. 2)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -75,7 +75,7 @@ def plot_balancing(run: Path, tasks: List[str], out: Path) -> Optional[Path]:
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
     fig.tight_layout()
-    path = out / f"balancing_{run.name}.png"
+    path = out / f"balancing_{name or run.name}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -21,7 +21,8 @@ class TrainerConfig:
     max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
     eval_every: int = 0  # steps between evaluations; 0: only at the end
     log_every: int = 20  # steps between logged task weights / gradient norms
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none before the end
+    checkpoint_at_end: bool = True
     resume: bool = True  # continue from out_dir/checkpoint if one exists
     seed: int = 0
     sharding_types: List[str] = field(default_factory=list)  # planner's choice if empty

@@ -104,7 +104,8 @@ def train(cfg) -> Dict:
         bar.close()
         save_preds = out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
         final = evaluate(pipeline, dmp, eval_src, env, tasks, save_preds)
-    checkpoint.save(out / "checkpoints", dmp, optimizer, step)
+    if cfg.trainer.checkpoint_at_end:
+        checkpoint.save(out / "checkpoints", dmp, optimizer, step)
     counters = _all_reduce_counters(train_src, env.device)
     summary = {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
                "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],

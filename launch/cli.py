@@ -11,6 +11,7 @@ Every command takes `--set section.key=value` overrides (TOML values; bare words
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -43,14 +44,14 @@ def cmd_train(args) -> int:
 
 
 def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_args: Optional[str] = None,
-           extra: Optional[List[str]] = None, component_fn: str = "train") -> int:
+           extra: Optional[List[str]] = None, component_fn: str = "train", pass_overrides: bool = True) -> int:
     """Runs a torchx component of launch/components.py; returns the job's exit status (0 only
     if it succeeded)."""
     load_config(config, overrides)  # fail fast here on a bad config, not in every rank
     component = str(Path(__file__).with_name("components.py")) + ":" + component_fn
     cmd = ["torchx", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
     cmd += [component, "--config", config, "-j", j] + list(extra or [])
-    cmd += ["--"] + list(overrides) if overrides else []
+    cmd += ["--"] + list(overrides) if overrides and pass_overrides else []
     log.info("%s", " ".join(cmd))
     return subprocess.run(cmd).returncode
 
@@ -66,8 +67,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    import json
-
     from launch.compare import ALL_METHODS, plan, write_compare_report
     from launch.demo import ensure_dataset
     out = Path(args.out)
@@ -93,6 +92,38 @@ def cmd_compare(args) -> int:
 def cmd_compare_worker(args) -> int:
     from launch.compare import run_plan
     return run_plan(args.config, args.plan)
+
+
+def _bench_args(args) -> List[str]:
+    out = ["--variants", args.variants, "--rounds", str(args.rounds), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--out", args.out]
+    return out + (["--parquet"] if args.parquet else []) + (["--one-at-a-time"] if args.one_at_a_time else [])
+
+
+def cmd_bench(args) -> int:
+    """Launches `bench-worker` on -j NxP ranks through torchx; the table is printed by rank 0."""
+    rc = launch(args.config, args.set, args.scheduler, args.j, component_fn="bench",
+                extra=["--gpu", str(args.gpu), "--"] + _bench_args(args) + [a for o in args.set for a in ("--set", o)],
+                pass_overrides=False)
+    if rc == 0 and Path(args.out).is_file():
+        from trainer.bench import format_table
+        print(format_table(json.loads(Path(args.out).read_text())))
+    return rc
+
+
+def cmd_bench_worker(args) -> int:
+    from trainer.bench import BenchConfig, format_table, run_bench, write_result
+    from trainer.build import init_distributed
+    cfg = load_config(args.config, args.set)
+    bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
+                        warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time)
+    env = init_distributed()
+    result = run_bench(cfg, bench, env)
+    if env.is_main:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_result(result, args.out)
+        print(format_table(result), flush=True)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -137,6 +168,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("-j", default="1x2")
     sp = add("compare-worker", cmd_compare_worker)
     sp.add_argument("--plan", required=True)
+    for name, fn in (("bench", cmd_bench), ("bench-worker", cmd_bench_worker)):
+        sp = add(name, fn)
+        sp.add_argument("--variants", default="equal,multibalance,param_mgda,dlrm_dcn")
+        sp.add_argument("--rounds", type=int, default=3)
+        sp.add_argument("--steps", type=int, default=50, help="timed steps per variant per round")
+        sp.add_argument("--warmup", type=int, default=10)
+        sp.add_argument("--parquet", action="store_true", help="read the config's train files")
+        sp.add_argument("--one-at-a-time", action="store_true", help="build one variant at a time (GPU memory)")
+        sp.add_argument("--out", default="runs/bench/bench.json")
+        if name == "bench":
+            sp.add_argument("-s", "--scheduler", default="local_cwd")
+            sp.add_argument("-j", default="1x2")
+            sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
     sp = sub.add_parser("report")
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")

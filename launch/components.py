@@ -80,3 +80,33 @@ def compare(
     return dist.ddp("compare-worker", config, "--plan", plan, m="launch.cli", image=image, name=name,
                     h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
                     rdzv_port=rdzv_port)
+
+
+def bench(
+    *args: str,
+    config: str = "launch/configs/demo.toml",
+    j: str = "1x2",
+    name: str = "mbrec-bench",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """`mbrec bench-worker` on every rank (arguments after `--` are passed on).
+
+    Args:
+        args: bench-worker options
+        config: TOML run config
+        j: {nnodes}x{nproc_per_node}
+        name: job name
+        image: image (local_cwd: ignored)
+        h: named resource
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica
+        rdzv_port: rendezvous port on the first node
+    """
+    return dist.ddp("bench-worker", config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
+                    gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"}, rdzv_port=rdzv_port)

@@ -9,10 +9,12 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -72,16 +74,17 @@ def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, d
     return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization)
 
 
-def shard(module: MultiTaskTrain, optim: OptimConfig, trainer: TrainerConfig, env: DistEnv,
-          batch_size: int) -> DistributedModelParallel:
+def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
+          env: DistEnv, batch_size: int) -> DistributedModelParallel:
+    """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP."""
     sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
         kwargs["eps"] = optim.eps
-    apply_optimizer_in_backward(sparse_cls, module.model.ebc.parameters(), kwargs)
+    apply_optimizer_in_backward(sparse_cls, ebc.parameters(), kwargs)
     sharding_types = trainer.sharding_types or (["table_wise"] if env.device.type == "cpu" else [])
     constraints = {cfg.name: ParameterConstraints(sharding_types=sharding_types)
-                   for cfg in module.model.ebc.embedding_bag_configs()} if sharding_types else None
+                   for cfg in ebc.embedding_bag_configs()} if sharding_types else None
     topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size,
                         compute_device=env.device.type)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
@@ -89,12 +92,7 @@ def shard(module: MultiTaskTrain, optim: OptimConfig, trainer: TrainerConfig, en
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
-    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
-    if env.world_size > 1:
-        # A group of its own: a balancer's all-reduce runs inside the backward (or forward),
-        # next to DDP's buckets, and must not interleave with them.
-        module.balancer.process_group = dist.new_group(backend=dist.get_backend())
-    return dmp
+    return DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
 
 
 def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
@@ -107,3 +105,14 @@ def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> Combin
 def build_pipeline(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
                    env: DistEnv) -> TrainPipelineSparseDist:
     return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+
+
+def build_training(module: MultiTaskTrain, cfg, env: DistEnv):
+    """module (built by build_train_module) -> (dmp, optimizer, pipeline)."""
+    dmp = shard(module, module.model.ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
+    if env.world_size > 1:
+        # A group of its own: a balancer's all-reduce runs inside the backward (or forward),
+        # next to DDP's buckets, and must not interleave with them.
+        module.balancer.process_group = dist.new_group(backend=dist.get_backend())
+    optimizer = build_optimizer(dmp, cfg.optim)
+    return dmp, optimizer, build_pipeline(dmp, optimizer, env)

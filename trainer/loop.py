@@ -17,7 +17,7 @@ from tqdm import tqdm
 from data.batch import COUNTERS, Batch
 from data.reader import DataSource
 from trainer import checkpoint
-from trainer.build import build_optimizer, build_pipeline, build_train_module, init_distributed, shard
+from trainer.build import build_train_module, build_training, init_distributed
 from trainer.metrics import Evaluator
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
@@ -74,9 +74,7 @@ def train(cfg) -> Dict:
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin)
     eval_src = DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin)
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization)
-    dmp = shard(module, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
-    optimizer = build_optimizer(dmp, cfg.optim)
-    pipeline = build_pipeline(dmp, optimizer, env)
+    dmp, optimizer, pipeline = build_training(module, cfg, env)
     balancer = dmp.module.balancer
     runlog = RunLog(out, env.is_main)
 

@@ -1,0 +1,172 @@
+"""`mbrec bench`: training throughput of model variants at the same size, timed side by side
+in one job, alternating variants over several rounds (shared machines are noisy):
+
+    equal         the multi-task model, sum of task losses
+    multibalance  the same model with MultiBalance on the shared representation
+    param_mgda    MGDA on the interaction module's parameters (M extra backward passes)
+    dlrm_dcn      torchrec.models.dlrm.DLRM_DCN, single task, same tables / dense / cross sizes
+
+Input: in-memory random batches (default; isolates the model) or the config's Parquet files.
+Each variant runs through DMP + TrainPipelineSparseDist exactly as in training.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List
+
+import torch
+import torch.distributed as dist
+from torchrec.datasets.utils import Batch as DLRMBatch
+from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import Batch
+from data.reader import DataSource
+from models.mtl import build_ebc
+from trainer.build import DistEnv, build_optimizer, build_pipeline, build_train_module, build_training, shard
+from trainer.precision import precision_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    variants: List[str] = field(default_factory=lambda: ["equal", "multibalance", "param_mgda", "dlrm_dcn"])
+    rounds: int = 3
+    warmup_steps: int = 10
+    steps: int = 50
+    parquet: bool = False  # read the config's train files instead of in-memory batches
+    one_at_a_time: bool = False  # build each variant anew per round (GPU memory), else keep all
+    distinct_batches: int = 8
+
+
+def random_batches(cfg, n: int, seed: int) -> List[Batch]:
+    """Single-id features, uniform ids, ~20 % positives; the 2nd task labelled on positives of
+    the 1st (like CVR on clicks)."""
+    g = torch.Generator().manual_seed(seed)
+    b, keys = cfg.data.batch_size, [f.name for f in cfg.data.sparse]
+    out = []
+    for _ in range(n):
+        values = torch.cat([torch.randint(0, f.num_embeddings, (b,), generator=g) for f in cfg.data.sparse])
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, torch.ones(b * len(keys), dtype=torch.int32))
+        labels = (torch.rand(b, len(cfg.data.tasks), generator=g) < 0.2).float()
+        mask = torch.ones_like(labels)
+        if labels.shape[1] > 1:
+            mask[:, 1] = labels[:, 0]
+        out.append(Batch(torch.randn(b, len(cfg.data.dense), generator=g), kjt, labels * mask, mask,
+                         torch.zeros(4, dtype=torch.int64)))
+    return out
+
+
+def as_dlrm_batch(batch: Batch) -> DLRMBatch:
+    return DLRMBatch(dense_features=batch.dense_features, sparse_features=batch.sparse_features,
+                     labels=batch.labels[:, 0].contiguous())
+
+
+def build_variant(name: str, cfg, env: DistEnv):
+    """-> (pipeline, converts a Batch to the variant's input)."""
+    torch.manual_seed(0)
+    if name == "dlrm_dcn":
+        ebc = build_ebc([(f.name, f.num_embeddings) for f in cfg.data.sparse], cfg.model.embedding_dim,
+                        torch.device("meta"), cfg.model.embedding_precision)
+        if cfg.model.dense_arch[-1] != cfg.model.embedding_dim:
+            raise ValueError("dlrm_dcn needs model.dense_arch[-1] == model.embedding_dim")
+        model = DLRMTrain(DLRM_DCN(ebc, len(cfg.data.dense), cfg.model.dense_arch,
+                                   cfg.model.shared_arch + cfg.model.head_arch + [1], cfg.model.cross_layers,
+                                   cfg.model.cross_low_rank, dense_device=env.device))
+        dmp = shard(model, ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
+        optimizer = build_optimizer(dmp, cfg.optim)
+        return build_pipeline(dmp, optimizer, env), as_dlrm_batch
+    cfg.balancer.method = name
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization)
+    _, _, pipeline = build_training(module, cfg, env)
+    return pipeline, lambda b: b
+
+
+def _sync(env: DistEnv) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def time_steps(pipeline, batches: Iterator, steps: int, warmup: int, env: DistEnv) -> float:
+    """Seconds for `steps` training steps after `warmup` ones (the pipeline drained)."""
+    it = itertools.islice(batches, warmup)
+    while True:
+        try:
+            pipeline.progress(it)
+        except StopIteration:
+            break
+    _sync(env)
+    t0 = time.perf_counter()
+    it = itertools.islice(batches, steps)
+    while True:
+        try:
+            pipeline.progress(it)
+        except StopIteration:
+            break
+    _sync(env)
+    return time.perf_counter() - t0
+
+
+def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
+    source: Callable[[], Iterator[Batch]]
+    if bench.parquet:
+        src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, env.device.type == "cuda")
+        source = lambda: itertools.chain.from_iterable(src.epoch() for _ in itertools.count())  # noqa: E731
+    else:
+        fixed = random_batches(cfg, bench.distinct_batches, seed=env.rank)
+        source = lambda: itertools.cycle(fixed)  # noqa: E731
+    built = {} if bench.one_at_a_time else {v: build_variant(v, cfg, env) for v in bench.variants}
+    qps: Dict[str, List[float]] = {v: [] for v in bench.variants}
+    with precision_context(cfg.trainer.precision, env.device):
+        for r in range(bench.rounds):
+            for v in bench.variants:
+                pipeline, convert = built[v] if v in built else build_variant(v, cfg, env)
+                secs = time_steps(pipeline, map(convert, source()), bench.steps, bench.warmup_steps, env)
+                qps[v].append(bench.steps * cfg.data.batch_size * env.world_size / secs)
+                if env.is_main:
+                    log.info("round %d %-13s %12.0f samples/s", r, v, qps[v][-1])
+                if v not in built:
+                    del pipeline
+                    gc.collect()
+                    if env.device.type == "cuda":
+                        torch.cuda.empty_cache()
+    return summarize(qps, cfg, bench, env)
+
+
+def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv) -> Dict:
+    base = qps.get("equal")
+    rows = {}
+    for v, vals in qps.items():
+        row = {"best": max(vals), "median": statistics.median(vals), "rounds": vals}
+        if base:
+            row["ratio_best"] = max(vals) / max(base)
+            row["ratio_median"] = statistics.median(vals) / statistics.median(base)
+        rows[v] = row
+    return {"device": str(env.device) if env.device.type == "cpu" else torch.cuda.get_device_name(env.device),
+            "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
+            "precision": cfg.trainer.precision, "embedding_precision": cfg.model.embedding_precision,
+            "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps, "variants": rows}
+
+
+def format_table(result: Dict) -> str:
+    lines = [f"{result['device']} x {result['world_size']} ranks, batch {result['batch_size_per_rank']}/rank, "
+             f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input",
+             f"{'variant':<14}{'best QPS':>12}{'median QPS':>12}{'best/equal':>12}{'median/equal':>14}"]
+    for v, r in result["variants"].items():
+        lines.append(f"{v:<14}{r['best']:>12.0f}{r['median']:>12.0f}{r.get('ratio_best', float('nan')):>12.4f}"
+                     f"{r.get('ratio_median', float('nan')):>14.4f}")
+    return "\n".join(lines)
+
+
+def write_result(result: Dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

@@ -27,7 +27,6 @@ class Balancer(nn.Module):
     def __init__(self, num_tasks: int):
         super().__init__()
         self.num_tasks = num_tasks
-        self.process_group: Optional[dist.ProcessGroup] = None  # set by the trainer
         self.register_buffer("weights", torch.ones(num_tasks))  # [M] current task weights
 
     def attach(self, model: nn.Module) -> None:
@@ -87,19 +86,28 @@ class GradientBalancer(Balancer):
 
         Under data parallelism the global loss is the mean of the ranks' losses, so the
         global gradient w.r.t. the global h is the concatenation of the local ones / W:
-        Gram_global = sum_r Gram_r / W^2 (one all-reduce of M^2 numbers)."""
-        flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
-        gram = flat @ flat.T  # [M, M]
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(self.process_group)
-            if world > 1:
-                dist.all_reduce(gram, group=self.process_group)
-                gram = gram / world**2
+        Gram_global = sum_r Gram_r / W^2 (one all-reduce of M^2 numbers). It runs on the
+        default group, from the autograd thread, at the same point of every rank's backward,
+        so its order among DDP's bucket all-reduces is the same on every rank."""
+        gram = local_gram(grads)
+        world = world_size()
+        if world > 1:
+            dist.all_reduce(gram)
+            gram = gram / world**2
         return gram
 
     def stats(self) -> Dict[str, torch.Tensor]:
         return {"weight": self.weights, "grad_norm": self.grad_norm,
                 "grad_norm_balanced": self.grad_norm_balanced}
+
+
+def local_gram(grads: torch.Tensor) -> torch.Tensor:
+    flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
+    return flat @ flat.T  # [M, M]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass

@@ -16,6 +16,12 @@ S = diag(u / n)); with several ranks it is all-reduced, so every rank computes t
 A task whose gradient is zero (no labelled row in the batch) keeps its EMA and its weight;
 the other weights move on the simplex of the remaining mass. No NaN, no host sync.
 
+`deferred_sync` (default off) hides the all-reduce latency where it blocks the host (gloo on
+CPU; on GPUs NCCL already runs it on a stream without a host wait): step t combines its
+gradients with the weights and scales computed from step t-1's global Gram, whose all-reduce
+was started asynchronously in step t-1's backward. Weights stay identical on every rank; the
+step uses one-step-old weights and norms (the first step after (re)start is exact).
+
 `scale_by_tasks` (default on) passes M * sum_m lambda_m v_m on, so that lambda = lambda0 =
 uniform without EMA reproduces the equal-weights gradient exactly and the shared layers'
 effective learning rate matches the equal-weights baseline; off gives the paper's literal sum.
@@ -23,11 +29,13 @@ effective learning rate matches the equal-weights baseline; off gives the paper'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from balancing.base import GradientBalancer
+import torch.distributed as dist
+
+from balancing.base import GradientBalancer, local_gram, world_size
 from balancing.simplex import project_simplex
 
 EPS = 1e-12
@@ -42,6 +50,7 @@ class MultiBalanceConfig:
     cosine: bool = True  # cosine direction (paper, Sec. 5) instead of the raw gradient
     prior: List[float] = field(default_factory=list)  # lambda0; empty = uniform
     scale_by_tasks: bool = True
+    deferred_sync: bool = False
 
 
 def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, prior: torch.Tensor,
@@ -80,14 +89,32 @@ class MultiBalance(GradientBalancer):
         self.register_buffer("prior", prior)
         self.register_buffer("ema_norm", torch.zeros(num_tasks))  # u [M]
         self.weights.copy_(prior)
+        self._pending = None  # (async all-reduce work, its tensor) with deferred_sync
 
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
-        gram = self.global_gram(grads)
+        scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
+        if self.cfg.deferred_sync and world_size() > 1:
+            gram = self._deferred_gram(grads)
+            if gram is None:  # the first step: nothing global yet; the current weights, raw gradients
+                return torch.einsum("m,m...->...", (self.weights * scale).to(grads.dtype), grads)
+        else:
+            gram = self.global_gram(grads)
         lam, u, s = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
         self.weights.copy_(lam)
         self.ema_norm.copy_(u)
         n = gram.diagonal().clamp(min=0).sqrt()
         self.grad_norm.copy_(n)
         self.grad_norm_balanced.copy_(lam * s * n)
-        coef = lam * s * (self.num_tasks if self.cfg.scale_by_tasks else 1.0)  # [M]
+        coef = lam * s * scale  # [M]
         return torch.einsum("m,m...->...", coef.to(grads.dtype), grads)  # [B, n']
+
+    def _deferred_gram(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
+        """The previous step's global Gram (None at the first step); starts this step's."""
+        previous = None
+        if self._pending is not None:
+            work, tensor = self._pending
+            work.wait()
+            previous = tensor / world_size() ** 2
+        local = local_gram(grads)
+        self._pending = (dist.all_reduce(local, async_op=True), local)
+        return previous

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from balancing.base import Balancer
+from balancing.base import Balancer, world_size
 from balancing.moco import MoCoConfig, moco_lambda
 from balancing.weighting import EPS, min_norm_simplex
 
@@ -68,9 +68,9 @@ class ParamBalancer(Balancer):
             rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                    for g, p in zip(grads, self.shared_params)]))
         jac = torch.stack(rows)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            dist.all_reduce(jac, group=self.process_group)
-            jac /= dist.get_world_size(self.process_group)
+        if world_size() > 1:
+            dist.all_reduce(jac)
+            jac /= world_size()
         return jac
 
     def weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ all-reduced (see GradientBalancer.global_gram) and every rank then computes the 
 from __future__ import annotations
 
 import itertools
+from typing import List, Optional
 
 import torch
 
@@ -37,6 +38,30 @@ class GramWeighting(GradientBalancer):
         return torch.einsum("m,m...->...", w.to(grads.dtype), grads)  # [B, n']
 
 
+def solve_small(a: List[List[float]], b: List[float]) -> Optional[List[float]]:
+    """Gaussian elimination with partial pivoting in Python floats; None if singular.
+
+    For the tiny systems of the Gram methods (M <= 10). Deliberately not LAPACK: its result
+    can differ in the last bits between processes (alignment-dependent kernels), and every
+    rank must compute bit-identical task weights."""
+    n = len(b)
+    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
+    scale = max((abs(x) for row in a for x in row), default=0.0)
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) <= 1e-13 * scale:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
 def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
     """argmin_{a in simplex} a^T G a, exactly, by enumerating the active sets (M <= 10).
 
@@ -46,24 +71,20 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
     m = gram.shape[0]
     if m > 10:
         raise ValueError("exact min-norm solver enumerates 2^M supports; M <= 10")
-    g = gram.detach().to("cpu", torch.float64)
-    best, best_val = torch.full((m,), 1.0 / m, dtype=torch.float64), float("inf")
+    g = gram.detach().to("cpu", torch.float64).tolist()
+    best, best_val = [1.0 / m] * m, float("inf")
     for size in range(1, m + 1):
-        for support in itertools.combinations(range(m), size):
-            s = list(support)
-            kkt = torch.zeros(size + 1, size + 1, dtype=torch.float64)
-            kkt[:size, :size] = g[s][:, s]
-            kkt[:size, size] = 1
-            kkt[size, :size] = 1
-            rhs = torch.zeros(size + 1, dtype=torch.float64)
-            rhs[size] = 1
-            sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1)).solution.squeeze(1)[:size]
-            if (sol < -1e-10).any() or abs(float(sol.sum()) - 1) > 1e-6:
-                continue
-            a = torch.zeros(m, dtype=torch.float64)
-            a[s] = sol.clamp(min=0)
-            a /= a.sum()
-            val = float(a @ g @ a)
-            if val < best_val - 1e-15:
+        for s in itertools.combinations(range(m), size):
+            kkt = [[g[i][j] for j in s] + [1.0] for i in s] + [[1.0] * size + [0.0]]
+            sol = solve_small(kkt, [0.0] * size + [1.0])
+            if sol is None or min(sol[:size]) < -1e-10:
+                continue  # singular (a smaller support has the same optimum) or infeasible
+            a = [0.0] * m
+            for i, v in zip(s, sol[:size]):
+                a[i] = max(v, 0.0)
+            total = sum(a)
+            a = [v / total for v in a]
+            val = sum(a[i] * g[i][j] * a[j] for i in range(m) for j in range(m))
+            if best_val == float("inf") or val < best_val - 1e-15 * max(1.0, abs(best_val)):
                 best, best_val = a, val
-    return best.to(gram.device, gram.dtype)
+    return torch.tensor(best, dtype=gram.dtype, device=gram.device)

@@ -128,7 +128,9 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     qps: Dict[str, List[float]] = {v: [] for v in bench.variants}
     with precision_context(cfg.trainer.precision, env.device):
         for r in range(bench.rounds):
-            for v in bench.variants:
+            order = bench.variants[r % len(bench.variants):] + bench.variants[:r % len(bench.variants)]
+            for v in order:  # rotated each round: no variant always runs first
+
                 pipeline, convert = built[v] if v in built else build_variant(v, cfg, env)
                 secs = time_steps(pipeline, map(convert, source()), bench.steps, bench.warmup_steps, env)
                 qps[v].append(bench.steps * cfg.data.batch_size * env.world_size / secs)

@@ -22,7 +22,6 @@ def _ranks():
     out = {}
     for method in METHODS:
         b = make(method)
-        b.process_group = None  # the default group
         out[method] = [step(b, grads_for(s, seed=9)[:, rank * B // 2:(rank + 1) * B // 2]) for s in range(4)]
     return out
 

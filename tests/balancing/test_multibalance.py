@@ -99,7 +99,7 @@ def _two_rank_step(seed: int):
     init_gloo()
     rank = torch.distributed.get_rank()
     rng = np.random.default_rng(seed)
-    global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(4)]
+    global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
     mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3)).double()
     out = []
     for g in global_g:
@@ -125,3 +125,27 @@ def test_two_ranks_agree_with_the_global_reference():
         np.testing.assert_allclose(w0, ref.lam, rtol=1e-7, atol=1e-9)
         # each rank's combined local gradient, /2 (DDP's mean), is its half of the global one
         np.testing.assert_allclose(np.concatenate([grad0, grad1]) / 2, want, rtol=1e-7, atol=1e-9)
+
+
+def _deferred(seed: int):
+    init_gloo()
+    rank = torch.distributed.get_rank()
+    rng = np.random.default_rng(seed)
+    global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
+    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred_sync=True)).double()
+    out = []
+    for g in global_g:
+        h = torch.zeros(B // 2, N, dtype=torch.float64, requires_grad=True)
+        copies = mb(h)
+        sum(((c * gm).sum() for c, gm in zip(copies, torch.tensor(g[:, rank])))).backward()
+        out.append(mb.weights.numpy().copy())
+    return out
+
+
+def test_deferred_sync_follows_the_exact_weights_one_step_late():
+    r0, r1 = run_ranks(_deferred, (4,))
+    exact = [w for w, _ in run_ranks(_two_rank_step, (4,))[0]]
+    np.testing.assert_array_equal(np.array(r0), np.array(r1))
+    np.testing.assert_allclose(r0[0], np.full(M, 1 / M))  # first step: no global Gram yet
+    for t in range(1, 5):
+        np.testing.assert_allclose(r0[t], exact[t - 1], rtol=1e-7, atol=1e-9)

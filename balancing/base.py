@@ -101,6 +101,11 @@ class GradientBalancer(Balancer):
                 "grad_norm_balanced": self.grad_norm_balanced}
 
 
+def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """sum_m coef_m grads_m: coef [M], grads [M, ...] -> [...], as one matrix-vector product."""
+    return (coef.to(grads.dtype) @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
+
+
 def local_gram(grads: torch.Tensor) -> torch.Tensor:
     flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
     return flat @ flat.T  # [M, M]

@@ -35,7 +35,7 @@ import torch
 
 import torch.distributed as dist
 
-from balancing.base import GradientBalancer, local_gram, world_size
+from balancing.base import GradientBalancer, combine, local_gram, world_size
 from balancing.simplex import project_simplex
 
 EPS = 1e-12
@@ -96,7 +96,7 @@ class MultiBalance(GradientBalancer):
         if self.cfg.deferred_sync and world_size() > 1:
             gram = self._deferred_gram(grads)
             if gram is None:  # the first step: nothing global yet; the current weights, raw gradients
-                return torch.einsum("m,m...->...", (self.weights * scale).to(grads.dtype), grads)
+                return combine(self.weights * scale, grads)
         else:
             gram = self.global_gram(grads)
         lam, u, s = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
@@ -106,7 +106,7 @@ class MultiBalance(GradientBalancer):
         self.grad_norm.copy_(n)
         self.grad_norm_balanced.copy_(lam * s * n)
         coef = lam * s * scale  # [M]
-        return torch.einsum("m,m...->...", coef.to(grads.dtype), grads)  # [B, n']
+        return combine(coef, grads)  # [B, n']
 
     def _deferred_gram(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
         """The previous step's global Gram (None at the first step); starts this step's."""

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import torch
 
-from balancing.base import GradientBalancer
+from balancing.base import GradientBalancer, combine
 
 EPS = 1e-12
 
@@ -35,7 +35,7 @@ class GramWeighting(GradientBalancer):
         n = gram.diagonal().clamp(min=0).sqrt()
         self.grad_norm.copy_(n)
         self.grad_norm_balanced.copy_(w.abs() * n)
-        return torch.einsum("m,m...->...", w.to(grads.dtype), grads)  # [B, n']
+        return combine(w, grads)  # [B, n']
 
 
 def solve_small(a: List[List[float]], b: List[float]) -> Optional[List[float]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple, Type
 
-from balancing.base import Balancer, GradientBalancer, NoConfig
+from balancing.base import Balancer, NoConfig
 from balancing.dbmtl import DBMTL, DBMTLConfig
 from balancing.equal import EqualWeights
 from balancing.fixed import FixedConfig, FixedWeights

@@ -16,7 +16,7 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,8 @@ def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 
 def local_gram(grads: torch.Tensor) -> torch.Tensor:
     flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # under autocast: the M x M statistics in fp32
     return flat @ flat.T  # [M, M]
 
 

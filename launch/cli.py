@@ -126,6 +126,16 @@ def cmd_bench_worker(args) -> int:
     return 0
 
 
+def cmd_bench_data(args) -> int:
+    from data.bench import format_table, run
+    cfg = load_config(args.config, args.set)
+    result = run(cfg.data, args.workers, args.rounds)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    return 0
+
+
 def cmd_report(args) -> int:
     from launch.report import write_report
     write_report([Path(d) for d in args.runs], Path(args.out))
@@ -181,6 +191,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             sp.add_argument("-s", "--scheduler", default="local_cwd")
             sp.add_argument("-j", default="1x2")
             sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    sp = add("bench-data", cmd_bench_data)
+    sp.add_argument("--workers", type=int, default=2, help="also time the reader with this many workers")
+    sp.add_argument("--rounds", type=int, default=2)
+    sp.add_argument("--out", default="runs/bench/bench_data.json")
     sp = sub.add_parser("report")
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")

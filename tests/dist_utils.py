@@ -21,7 +21,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
     try:
         result = fn(*args)
         queue.put((rank, result, None))
-    except BaseException as e:  # reported to the parent, which fails the test
+    except BaseException:  # reported to the parent, which fails the test
         import traceback
         queue.put((rank, None, traceback.format_exc()))
         raise

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from tests.balancing.test_methods_vs_references import M, B, N, grads_for, make
+from tests.balancing.test_methods_vs_references import B, grads_for, make
 from tests.dist_utils import init_gloo, run_ranks
 
 METHODS = ["pcgrad", "gradvac", "dbmtl", "imtlg", "mgda", "moco", "multibalance"]

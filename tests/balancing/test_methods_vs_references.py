@@ -1,7 +1,6 @@
 """Every representation-gradient method against an independent reference: torchjd's
 aggregators (a separate implementation, test-only dependency), an exact solver, or the
 published closed form. Stateful methods are checked over several steps."""
-import itertools
 
 import numpy as np
 import pytest

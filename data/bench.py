@@ -1,0 +1,72 @@
+"""`mbrec bench-data`: the Parquet reader's rows/s per worker process, next to pyarrow's raw
+decode of the same columns of the same files, in one run (one process each, sequentially)."""
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader
+
+from data.reader import DataSource
+from data.schema import DataConfig
+
+
+def raw_decode_rate(src: DataSource) -> float:
+    """rows/s of pyarrow reading the configured columns, row group by row group, to Arrow."""
+    columns = src.dataset().columns
+    t0, rows = time.perf_counter(), 0
+    for path in src.files:
+        f = pq.ParquetFile(path)
+        for i in range(f.num_row_groups):
+            rows += f.read_row_group(i, columns=columns).num_rows
+    return rows / (time.perf_counter() - t0)
+
+
+def raw_numpy_rate(src: DataSource) -> float:
+    """rows/s of pyarrow decode plus conversion of every column to numpy (the least any
+    reader that hands tensors to a model must do)."""
+    columns = src.dataset().columns
+    t0, rows = time.perf_counter(), 0
+    for path in src.files:
+        f = pq.ParquetFile(path)
+        for i in range(f.num_row_groups):
+            t = f.read_row_group(i, columns=columns)
+            for c in t.columns:
+                c.combine_chunks().flatten() if hasattr(c.type, "value_type") else c.to_numpy()
+            rows += t.num_rows
+    return rows / (time.perf_counter() - t0)
+
+
+def reader_rate(src: DataSource, workers: int) -> float:
+    """rows/s of Batches out of the reader with `workers` DataLoader processes (0: in-process)."""
+    loader = DataLoader(src.dataset(), batch_size=None, num_workers=workers)
+    t0, rows = time.perf_counter(), 0
+    for batch in loader:
+        rows += batch.dense_features.shape[0]
+    return rows / (time.perf_counter() - t0)
+
+
+def run(cfg: DataConfig, workers: int, rounds: int = 2) -> Dict[str, float]:
+    single = DataConfig(**{**cfg.__dict__, "num_workers": 1})
+    src = DataSource(cfg.train, single, 0, 1)
+    best = lambda f: max(f() for _ in range(rounds))  # noqa: E731
+    out = {"rows": src.rows, "pyarrow_decode": best(lambda: raw_decode_rate(src)),
+           "pyarrow_decode_to_numpy": best(lambda: raw_numpy_rate(src)),
+           "reader_1_process": best(lambda: reader_rate(src, 0))}
+    if workers > 1:
+        multi = DataSource(cfg.train, DataConfig(**{**cfg.__dict__, "num_workers": workers}), 0, 1)
+        out[f"reader_{workers}_workers"] = best(lambda: reader_rate(multi, workers))
+    out["reader_vs_pyarrow_decode"] = out["reader_1_process"] / out["pyarrow_decode"]
+    out["processes_for_1M_rows_per_s"] = 1e6 / out["reader_1_process"]
+    return out
+
+
+def format_table(r: Dict[str, float]) -> str:
+    lines = [f"{r['rows']} rows, one process each unless stated"]
+    for k, v in r.items():
+        if k == "rows":
+            continue
+        unit = "rows/s" if not k.startswith(("reader_vs", "processes")) else ""
+        lines.append(f"{k:<28}{v:>14,.2f} {unit}" if unit == "" else f"{k:<28}{v:>14,.0f} {unit}")
+    return "\n".join(lines)

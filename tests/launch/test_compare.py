@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from launch.compare import ALL_METHODS, gains_by_seed, plan, variants, write_compare_report
+
+TASKS = ["ctr", "cvr"]
+
+
+def test_variants_cover_methods_ablation_sweep_and_single_task():
+    names = [v.name for v in variants(ALL_METHODS, [0.5, 2.0], TASKS, True)]
+    assert "multibalance_noema" in names and "multibalance_beta0.5" in names and "single_cvr" in names
+    assert len(names) == len(ALL_METHODS) + 2 + 2
+    noema = next(v for v in variants(["multibalance_noema"], [], TASKS, False))
+    assert "balancer.multibalance.ema=false" in noema.overrides
+
+
+def test_plan_is_seed_major_with_distinct_output_dirs(tmp_path):
+    entries = plan("launch/configs/demo.toml", [], ["equal", "multibalance"], [2.0], 2, True, tmp_path)
+    dirs = [next(o for o in e[2] if o.startswith("trainer.out_dir=")) for e in entries]
+    assert len(set(dirs)) == len(entries) == 2 * (2 + 1 + 3)
+    assert [e[1] for e in entries[:6]] == [0] * 6
+
+
+def fake_run(out, name, seed, ne, qps):
+    d = out / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    tasks = [{"name": t, "column": t} for t in TASKS]
+    (d / "summary.json").write_text(json.dumps({
+        "method": name, "steps": 10, "world_size": 2, "tasks": tasks, "eval_files": [],
+        "eval": {t: {"ne": v, "auc": 0.7} for t, v in zip(TASKS, ne)}, "train_rows_per_s": qps,
+        "final_weights": [0.5, 0.5], "train_reader": {}}))
+
+
+def test_report_gains_are_per_seed_against_equal(tmp_path):
+    fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
+    fake_run(tmp_path, "equal", 1, [0.82, 0.92], 100.0)
+    fake_run(tmp_path, "multibalance", 0, [0.80, 0.891], 98.0)
+    fake_run(tmp_path, "multibalance", 1, [0.82, 0.9108], 96.0)
+    fake_run(tmp_path, "single_ctr", 0, [0.79, 0.0], 50.0)
+    fake_run(tmp_path, "single_cvr", 0, [0.0, 0.95], 50.0)
+    runs = {"equal": [], "multibalance": []}
+    for name in runs:
+        for s in (0, 1):
+            r = json.loads((tmp_path / name / f"seed{s}" / "summary.json").read_text())
+            r["seed"] = s
+            runs[name].append(r)
+    g = gains_by_seed(runs, "multibalance", TASKS)
+    assert g["cvr"] == pytest.approx([1.0, 1.0])
+    assert g["ctr"] == pytest.approx([0.0, 0.0])
+    assert g["average"] == pytest.approx([0.5, 0.5])
+    text = write_compare_report(tmp_path)
+    assert "**+0.500 ± 0.000**" in text  # best average gain, in bold
+    assert "+3.00 ± 1.41" in text  # QPS drop 2 % and 4 %
+    assert "| ctr | 0.81000 ± 0.01414 | 0.79000 ± 0.00000 |" in text  # joint vs single-task
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6 * 2

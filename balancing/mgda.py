@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from balancing.base import NoConfig
-from balancing.weighting import GramWeighting, min_norm_simplex
+from balancing.weighting import GramWeighting, min_norm_weights
 
 
 class MGDA(GramWeighting):
@@ -17,11 +17,4 @@ class MGDA(GramWeighting):
         super().__init__(num_tasks)
 
     def gram_weights(self, gram: torch.Tensor) -> torch.Tensor:
-        active = gram.diagonal() > 0
-        if not bool(active.any()):
-            return self.weights.clone()
-        # tasks without labels (zero gradient) would make the min-norm point 0: leave them out
-        idx = active.nonzero().squeeze(1)
-        w = torch.zeros_like(self.weights)
-        w[idx] = min_norm_simplex(gram[idx][:, idx]).to(w.dtype)
-        return w
+        return min_norm_weights(gram, self.weights)

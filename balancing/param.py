@@ -26,7 +26,7 @@ from torch import nn
 
 from balancing.base import Balancer, world_size
 from balancing.moco import MoCoConfig, moco_lambda
-from balancing.weighting import EPS, min_norm_simplex
+from balancing.weighting import EPS, min_norm_weights
 
 
 @dataclass
@@ -95,14 +95,7 @@ class ParamMGDA(ParamBalancer):
         self.weights.fill_(1.0 / num_tasks)
 
     def weights_from(self, jac: torch.Tensor) -> torch.Tensor:
-        gram = jac @ jac.T
-        active = gram.diagonal() > 0
-        if not bool(active.any()):
-            return self.weights.clone()
-        idx = active.nonzero().squeeze(1)
-        w = torch.zeros_like(self.weights)
-        w[idx] = min_norm_simplex(gram[idx][:, idx]).to(w.dtype)
-        return w
+        return min_norm_weights(jac @ jac.T, self.weights)
 
 
 class ParamMoCo(ParamBalancer):

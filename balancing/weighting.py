@@ -88,3 +88,15 @@ def min_norm_simplex(gram: torch.Tensor) -> torch.Tensor:
             if best_val == float("inf") or val < best_val - 1e-15 * max(1.0, abs(best_val)):
                 best, best_val = a, val
     return torch.tensor(best, dtype=gram.dtype, device=gram.device)
+
+
+def min_norm_weights(gram: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """MGDA weights [M]: the min-norm point over the tasks with a non-zero gradient (a task
+    without labels would make the min-norm point 0); `fallback` if no task has one."""
+    active = gram.diagonal() > 0
+    if not bool(active.any()):
+        return fallback.clone()
+    idx = active.nonzero().squeeze(1)
+    w = torch.zeros_like(fallback)
+    w[idx] = min_norm_simplex(gram[idx][:, idx]).to(w.dtype)
+    return w

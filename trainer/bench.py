@@ -96,22 +96,21 @@ def _sync(env: DistEnv) -> None:
         dist.barrier()
 
 
-def time_steps(pipeline, batches: Iterator, steps: int, warmup: int, env: DistEnv) -> float:
-    """Seconds for `steps` training steps after `warmup` ones (the pipeline drained)."""
-    it = itertools.islice(batches, warmup)
+def _run(pipeline, batches: Iterator, steps: int) -> None:
+    it = itertools.islice(batches, steps)  # the pipeline drains it: no batch left in flight
     while True:
         try:
             pipeline.progress(it)
         except StopIteration:
-            break
+            return
+
+
+def time_steps(pipeline, batches: Iterator, steps: int, warmup: int, env: DistEnv) -> float:
+    """Seconds for `steps` training steps after `warmup` ones."""
+    _run(pipeline, batches, warmup)
     _sync(env)
     t0 = time.perf_counter()
-    it = itertools.islice(batches, steps)
-    while True:
-        try:
-            pipeline.progress(it)
-        except StopIteration:
-            break
+    _run(pipeline, batches, steps)
     _sync(env)
     return time.perf_counter() - t0
 

@@ -15,6 +15,7 @@ under id_policy="hash" are remapped with `hash_ids` (counted).
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -116,26 +117,37 @@ def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
 
 @dataclass
 class Chunk:
-    """Decoded rows: dense [R, D], labels/mask [R, M], per feature (lengths [R], values [L])."""
+    """Decoded rows: dense [R, D], labels/mask [R, M], per feature lengths [R] and values [L]
+    with offsets [R + 1] (prefix sums of lengths, so that any row range slices in O(1))."""
     dense: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
     lengths: List[np.ndarray]
     values: List[np.ndarray]
     counters: np.ndarray
+    offsets: List[np.ndarray] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = [np.arange(len(l) + 1) if len(v) == len(l) and (l == 1).all()
+                            else np.concatenate([[0], np.cumsum(l, dtype=np.int64)])
+                            for l, v in zip(self.lengths, self.values)]
 
     @property
     def rows(self) -> int:
         return self.dense.shape[0]
 
-    def split(self, n: int) -> Tuple["Chunk", "Chunk"]:
-        """First n rows, rest."""
-        cuts = [int(lens[:n].sum()) for lens in self.lengths]
-        head = Chunk(self.dense[:n], self.labels[:n], self.mask[:n], [l[:n] for l in self.lengths],
-                     [v[:c] for v, c in zip(self.values, cuts)], self.counters)
-        tail = Chunk(self.dense[n:], self.labels[n:], self.mask[n:], [l[n:] for l in self.lengths],
-                     [v[c:] for v, c in zip(self.values, cuts)], np.zeros_like(self.counters))
-        return head, tail
+    def slice(self, a: int, b: int, with_counters: bool) -> "Chunk":
+        """Rows [a, b) as views; the counters go with one slice of the chunk only."""
+        return Chunk(self.dense[a:b], self.labels[a:b], self.mask[a:b], [l[a:b] for l in self.lengths],
+                     [v[o[a]:o[b]] for v, o in zip(self.values, self.offsets)],
+                     self.counters if with_counters else np.zeros_like(self.counters),
+                     [o[a:b + 1] - o[a] for o in self.offsets])
+
+    def compact(self) -> "Chunk":
+        """Copies views into arrays of their own: a pickled view would carry its whole base."""
+        return Chunk(self.dense.copy(), self.labels.copy(), self.mask.copy(), [l.copy() for l in self.lengths],
+                     [v.copy() for v in self.values], self.counters.copy(), [o.copy() for o in self.offsets])
 
     @staticmethod
     def concat(a: "Chunk", b: "Chunk") -> "Chunk":
@@ -143,6 +155,29 @@ class Chunk:
                      np.concatenate([a.mask, b.mask]),
                      [np.concatenate([x, y]) for x, y in zip(a.lengths, b.lengths)],
                      [np.concatenate([x, y]) for x, y in zip(a.values, b.values)], a.counters + b.counters)
+
+
+def batch_windows(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
+    """Re-cuts a stream of chunks into chunks of `size` rows (the last may be shorter): views
+    into each chunk, and a copy only for the batch that straddles two chunks."""
+    carry: Optional[Chunk] = None
+    for chunk in chunks:
+        start, first = 0, True
+        if carry is not None:
+            start = min(size - carry.rows, chunk.rows)
+            carry = Chunk.concat(carry, chunk.slice(0, start, True))
+            first = False
+            if carry.rows < size:
+                continue
+            yield carry
+            carry = None
+        while start + size <= chunk.rows:
+            yield chunk.slice(start, start + size, first)
+            start, first = start + size, False
+        if start < chunk.rows:
+            carry = chunk.slice(start, chunk.rows, first)
+    if carry is not None:
+        yield carry
 
 
 class ChunkDecoder:
@@ -185,43 +220,51 @@ class ChunkDecoder:
 
     def _sparse(self, col: pa.ChunkedArray, n: int, path: str, name: str,
                 counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        arr = col.combine_chunks()
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            lengths = arr.value_lengths().fill_null(0).to_numpy().astype(np.int32)
+            if arr.null_count == 0:  # fast path: lengths from the offsets
+                lengths = np.diff(arr.offsets.to_numpy()).astype(np.int32, copy=False)
+            else:
+                lengths = arr.value_lengths().fill_null(0).to_numpy().astype(np.int32)
             flat = arr.flatten()
             if flat.null_count:
                 raise DataError(f"{path}: column {name!r} has a null id inside a list")
-            ids = flat.to_numpy().astype(np.int64)
+            ids = flat.to_numpy().astype(np.int64, copy=False)
+        elif arr.null_count == 0:
+            lengths = np.ones(len(arr), np.int32)
+            ids = arr.to_numpy().astype(np.int64, copy=False)
         else:
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
             lengths = valid.astype(np.int32)
             counters[COUNTERS.index("ids_null")] += int((~valid).sum())
             ids = arr.drop_null().to_numpy().astype(np.int64)
-        out = (ids < 0) | (ids >= n)
-        if out.any():
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):  # two reductions; masks only if needed
+            out = (ids < 0) | (ids >= n)
             if self.cfg.id_policy == "error":
                 raise DataError(f"{path}: column {name!r} has id {int(ids[out][0])} outside [0, {n}) "
                                 f"(data.id_policy = 'error'; use 'hash' to remap)")
-            ids = ids.copy()
+            ids = ids.copy()  # never write into Arrow's buffers
             ids[out] = hash_ids(ids[out], n)
             counters[COUNTERS.index("ids_remapped")] += int(out.sum())
         return lengths, ids
 
 
 def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
-    return Batch(
-        torch.from_numpy(chunk.dense),
-        KeyedJaggedTensor.from_lengths_sync(
-            keys, torch.from_numpy(np.concatenate(chunk.values)),
-            torch.from_numpy(np.concatenate(chunk.lengths))),
-        torch.from_numpy(chunk.labels),
-        torch.from_numpy(chunk.mask),
-        torch.from_numpy(chunk.counters.copy()),
-    )
+    """Runs in the consuming process: DataLoader workers send Chunks (numpy arrays, pickled
+    through the pipe), which is far cheaper than sending a handful of small tensors through
+    shared-memory file descriptors for every batch."""
+    per_key = [int(o[-1]) for o in chunk.offsets]
+    kjt = KeyedJaggedTensor(
+        keys=keys, values=torch.from_numpy(np.concatenate(chunk.values)),
+        lengths=torch.from_numpy(np.concatenate(chunk.lengths)), stride=chunk.rows,
+        length_per_key=per_key, offset_per_key=[0] + list(itertools.accumulate(per_key)))
+    return Batch(torch.from_numpy(chunk.dense), kjt, torch.from_numpy(chunk.labels),
+                 torch.from_numpy(chunk.mask), torch.from_numpy(chunk.counters))
 
 
 class ParquetBatches(IterableDataset):
-    """One rank's share of the files, as Batches; DataLoader workers split it further.
+    """One rank's share of the files, as Chunks of batch_size rows (the last one may be
+    shorter); DataLoader workers split it further. `chunk_to_batch` makes them Batches.
 
     Files are opened inside `__iter__` (i.e. in the worker process), never in the parent:
     pyarrow's thread pools do not survive a fork.
@@ -242,7 +285,7 @@ class ParquetBatches(IterableDataset):
             out.extend((path, i) for i in range(n))
         return out
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         nw = self.cfg.num_workers if info is not None else 1
         worker = info.id if info is not None else 0
@@ -250,21 +293,18 @@ class ParquetBatches(IterableDataset):
         if len(units) != len(self.unit_rows):
             raise DataError("input files changed since they were validated")
         mine = assign_units(len(units), self.world_size, nw)[self.rank * nw + worker]
+        for batch in batch_windows(self._decoded([units[u] for u in mine]), self.cfg.batch_size):
+            # views are fine in-process; a worker pickles its batches, so they get own arrays
+            yield batch.compact() if info is not None else batch
+
+    def _decoded(self, units: List[Tuple[str, int]]) -> Iterator[Chunk]:
         decoder = ChunkDecoder(self.cfg)
-        pending: Optional[Chunk] = None
         handles: Dict[str, pq.ParquetFile] = {}
-        for u in mine:
-            path, rg = units[u]
+        for path, rg in units:
             if path not in handles:
                 handles.clear()  # keep one file open at a time
                 handles[path] = pq.ParquetFile(path)
-            chunk = decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path, rg)
-            pending = chunk if pending is None else Chunk.concat(pending, chunk)
-            while pending.rows >= self.cfg.batch_size:
-                head, pending = pending.split(self.cfg.batch_size)
-                yield chunk_to_batch(head, self.keys)
-        if pending is not None and pending.rows:
-            yield chunk_to_batch(pending, self.keys)
+            yield decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path, rg)
 
 
 class DataSource:
@@ -284,12 +324,20 @@ class DataSource:
     def dataset(self) -> ParquetBatches:
         return ParquetBatches(self.files, self.unit_rows, self.cfg, self.rank, self.world_size)
 
+    def batches(self, num_workers: int) -> Iterator[Batch]:
+        """This rank's real batches for one epoch, read by `num_workers` DataLoader workers."""
+        keys = [f.name for f in self.cfg.sparse]
+        chunks = iter(self.dataset()) if num_workers == 0 else DataLoader(
+            self.dataset(), batch_size=None, num_workers=num_workers,
+            collate_fn=lambda chunk: chunk)  # no conversion in the worker
+        for chunk in chunks:
+            batch = chunk_to_batch(chunk, keys)
+            yield batch.pin_memory() if self.pin_memory else batch
+
     def epoch(self) -> Iterator[Batch]:
         """This rank's batches for one epoch, then padding batches up to steps_per_epoch."""
-        loader = DataLoader(self.dataset(), batch_size=None, num_workers=self.cfg.num_workers,
-                            pin_memory=self.pin_memory)
         n = 0
-        for batch in loader:
+        for batch in self.batches(self.cfg.num_workers):
             n += 1
             self.counters += batch.counters
             yield batch

@@ -307,6 +307,10 @@ class ParquetBatches(IterableDataset):
             yield decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path, rg)
 
 
+def _as_is(chunk: Chunk) -> Chunk:
+    return chunk
+
+
 class DataSource:
     """A split (train or eval) as seen by one rank: validated files, the per-rank batch
     counts, and epochs of exactly `steps_per_epoch` batches (padded, see Batch.padding)."""
@@ -329,7 +333,7 @@ class DataSource:
         keys = [f.name for f in self.cfg.sparse]
         chunks = iter(self.dataset()) if num_workers == 0 else DataLoader(
             self.dataset(), batch_size=None, num_workers=num_workers,
-            collate_fn=lambda chunk: chunk)  # no conversion in the worker
+            collate_fn=_as_is)  # no conversion in the worker
         for chunk in chunks:
             batch = chunk_to_batch(chunk, keys)
             yield batch.pin_memory() if self.pin_memory else batch

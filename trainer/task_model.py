@@ -43,7 +43,7 @@ class MultiTaskTrain(nn.Module):
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         h = self.model.representation(batch.dense_features, batch.sparse_features)  # [B, n']
-        logits = self.model.task_logits(self.balancer(h))  # [B, M]
+        logits = self.model.task_logits(self.balancer(h)).float()  # [B, M]; fp32 under autocast too
         losses = masked_task_losses(logits, batch.labels, batch.label_mask, self.loss_normalization)  # [M]
         loss = self.balancer.combine_losses(losses)
         return loss, (losses.detach(), torch.sigmoid(logits.detach()), batch.labels, batch.label_mask)

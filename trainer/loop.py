@@ -104,14 +104,7 @@ def train(cfg) -> Dict:
         final = evaluate(pipeline, dmp, eval_src, env, tasks, save_preds)
     if cfg.trainer.checkpoint_at_end:
         checkpoint.save(out / "checkpoints", dmp, optimizer, step)
-    counters = _all_reduce_counters(train_src, env.device)
-    summary = {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
-               "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],
-               "eval_files": eval_src.files,
-               "eval": final, "train_reader": counters,
-               "eval_reader": _all_reduce_counters(eval_src, env.device),
-               "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),
-               "final_weights": balancer.stats()["weight"].tolist()}
+    summary = _summary(cfg, env, step, final, train_src, eval_src, t_train, balancer)
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
     if env.is_main:
@@ -119,6 +112,18 @@ def train(cfg) -> Dict:
         log.info("final eval: %s", json.dumps(final))
     runlog.close()
     return summary
+
+
+def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: DataSource,
+             t_train: float, balancer) -> Dict:
+    """What summary.json holds (identical on every rank: counters and metrics are reduced)."""
+    counters = _all_reduce_counters(train_src, env.device)
+    return {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
+            "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],
+            "eval_files": eval_src.files, "eval": final, "train_reader": counters,
+            "eval_reader": _all_reduce_counters(eval_src, env.device),
+            "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),
+            "final_weights": balancer.stats()["weight"].tolist()}
 
 
 def _flat(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:

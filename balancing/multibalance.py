@@ -54,29 +54,29 @@ class MultiBalanceConfig:
 
 
 def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, prior: torch.Tensor,
-                        cfg: MultiBalanceConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        cfg: MultiBalanceConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of Algorithm 3 from the Gram matrix alone.
 
     gram [M, M], lam [M] (on the simplex), u [M] (EMA of norms; 0 = not yet seen), prior [M].
-    Returns (new lambda [M], new u [M], s [M]) with v_m = s_m g_m."""
+    Returns (new lambda, new u, s, n), all [M], with v_m = s_m g_m and n_m = ||g_m||.
+    Written with few, fused ops: it runs in the backward's critical path, where every small
+    kernel launch (GPU) or op dispatch (CPU) counts."""
     n = gram.diagonal().clamp(min=0).sqrt()  # [M]
     active = n > 0
     if cfg.ema:
-        ema = torch.where(u > 0, (1 - cfg.gamma) * u + cfg.gamma * n, n)
-        u_new = torch.where(active, ema, u)
-        s = torch.where(active, u_new / n.clamp(min=EPS), torch.zeros_like(n))
+        u_new = torch.where(active, torch.where(u > 0, torch.lerp(u, n, cfg.gamma), n), u)
+        s = u_new * active / n.clamp(min=EPS)  # 0 for a task without gradient
     else:
         u_new = torch.where(active, n, u)
         s = active.to(gram.dtype)
-    gram_v = s[:, None] * gram * s[None, :]  # [M, M] Gram of V
-    d = lam + cfg.rho * prior  # [M]
+    gram_v = gram * torch.outer(s, s)  # [M, M] Gram of V
+    d = torch.add(lam, prior, alpha=cfg.rho)  # [M]
     direction = gram_v @ d  # [M]: <v_m, V d>
     if cfg.cosine:
         norm_a = (d @ direction).clamp(min=0).sqrt()  # ||V d||
-        norm_v = gram_v.diagonal().clamp(min=0).sqrt()  # ||v_m||
-        direction = direction / (norm_v * norm_a).clamp(min=EPS)
-    lam_new = project_simplex(lam - cfg.beta * direction, active, lam)
-    return lam_new, u_new, s
+        direction = direction / (s * n * norm_a).clamp(min=EPS)  # ||v_m|| = s_m n_m
+    lam_new = project_simplex(torch.add(lam, direction, alpha=-cfg.beta), active, lam)
+    return lam_new, u_new, s, n
 
 
 class MultiBalance(GradientBalancer):
@@ -99,14 +99,13 @@ class MultiBalance(GradientBalancer):
                 return combine(self.weights * scale, grads)
         else:
             gram = self.global_gram(grads)
-        lam, u, s = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
+        lam, u, s, n = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
+        coef = lam * s  # [M]
         self.weights.copy_(lam)
         self.ema_norm.copy_(u)
-        n = gram.diagonal().clamp(min=0).sqrt()
         self.grad_norm.copy_(n)
-        self.grad_norm_balanced.copy_(lam * s * n)
-        coef = lam * s * scale  # [M]
-        return combine(coef, grads)  # [B, n']
+        self.grad_norm_balanced.copy_(coef * n)
+        return combine(coef * scale, grads)  # [B, n']
 
     def _deferred_gram(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
         """The previous step's global Gram (None at the first step); starts this step's."""

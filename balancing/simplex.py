@@ -18,17 +18,14 @@ def project_simplex(y: torch.Tensor, active: torch.Tensor | None = None,
         active = torch.ones(m, dtype=torch.bool, device=y.device)
         fallback = torch.zeros_like(y)
     assert fallback is not None
-    mass = 1.0 - torch.where(active, torch.zeros_like(fallback), fallback).sum()
-    # Sort active entries first (descending); inactive ones last, where they add nothing.
-    key = torch.where(active, y, torch.full_like(y, float("-inf")))
-    sorted_y, _ = torch.sort(key, descending=True)
+    mass = 1.0 - torch.where(active, 0.0, fallback).sum()
+    # Active entries first (descending); inactive ones last, as zeros that add nothing.
+    sorted_y = torch.sort(torch.where(active, y, float("-inf")), descending=True).values
     sorted_active = torch.isfinite(sorted_y)
-    sorted_y = torch.where(sorted_active, sorted_y, torch.zeros_like(sorted_y))
+    sorted_y = torch.nan_to_num(sorted_y, neginf=0.0)
     css = torch.cumsum(sorted_y, 0) - mass  # [M]
     ind = torch.arange(1, m + 1, device=y.device, dtype=y.dtype)
-    cond = (sorted_y - css / ind > 0) & sorted_active
-    # rho = last index where cond holds (cond is a prefix); at least 1.
-    rho = torch.clamp((cond * ind).max(), min=1.0).to(torch.int64)
-    theta = css.gather(0, (rho - 1).view(1)) / rho.to(y.dtype)  # [1]
-    projected = torch.clamp(y - theta, min=0.0)
-    return torch.where(active, projected, fallback)
+    cond = (sorted_y * ind > css) & sorted_active  # u_k - css_k / k > 0, a prefix
+    rho = (cond * ind).amax().clamp(min=1.0)  # index of its last entry (at least 1)
+    theta = css.gather(0, (rho - 1).long().view(1)) / rho  # [1]
+    return torch.where(active, (y - theta).clamp(min=0.0), fallback)

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -129,9 +130,7 @@ class Chunk:
 
     def __post_init__(self) -> None:
         if self.offsets is None:
-            self.offsets = [np.arange(len(l) + 1) if len(v) == len(l) and (l == 1).all()
-                            else np.concatenate([[0], np.cumsum(l, dtype=np.int64)])
-                            for l, v in zip(self.lengths, self.values)]
+            self.offsets = [np.concatenate([[0], np.cumsum(l, dtype=np.int64)]) for l in self.lengths]
 
     @property
     def rows(self) -> int:
@@ -189,27 +188,39 @@ class ChunkDecoder:
     def decode(self, table: pa.Table, path: str, rg: int) -> Chunk:
         counters = np.zeros(len(COUNTERS), np.int64)
         counters[COUNTERS.index("rows")] = table.num_rows
-        dense = np.zeros((table.num_rows, len(self.cfg.dense)), np.float32)
+        dense = np.empty((table.num_rows, len(self.cfg.dense)), np.float32)
         for j, col in enumerate(self.cfg.dense):
-            x = table.column(col).to_numpy(zero_copy_only=False).astype(np.float32)
-            bad = np.isnan(x)
-            x[bad] = self.cfg.dense_fill
-            counters[COUNTERS.index("dense_filled")] += int(bad.sum())
+            arr = table.column(col)
+            filled = arr.null_count
+            # nulls filled by Arrow, then a zero-copy view for float32 columns
+            x = (pc.fill_null(arr, self.cfg.dense_fill) if filled else arr).to_numpy().astype(np.float32, copy=False)
+            nan = np.isnan(x)
+            if nan.any():  # NaN values that are not nulls: filled and counted the same way
+                x = np.where(nan, np.float32(self.cfg.dense_fill), x)
+                filled += int(nan.sum())
+            counters[COUNTERS.index("dense_filled")] += filled
             dense[:, j] = x
         labels, mask = self._labels(table, path, rg)
-        lengths, values = [], []
+        lengths, values, offsets = [], [], []
         for f in self.cfg.sparse:
-            lens, vals = self._sparse(table.column(f.column), f.num_embeddings, path, f.column, counters)
+            lens, vals, offs = self._sparse(table.column(f.column), f.num_embeddings, path, f.column, counters)
             lengths.append(lens)
             values.append(vals)
-        return Chunk(dense, labels, mask, lengths, values, counters)
+            offsets.append(offs)
+        return Chunk(dense, labels, mask, lengths, values, counters, offsets)
 
     def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
         labels = np.zeros((table.num_rows, len(self.cfg.tasks)), np.float32)
         mask = np.zeros_like(labels)
         for m, task in enumerate(self.cfg.tasks):
-            y = table.column(task.column).to_numpy(zero_copy_only=False).astype(np.float32)
-            known = ~np.isnan(y)
+            col = table.column(task.column)
+            if col.null_count:
+                known = col.is_valid().to_numpy(zero_copy_only=False)
+                col = pc.fill_null(col, 0)
+            else:
+                known = np.ones(len(col), bool)
+            y = col.to_numpy().astype(np.float32, copy=False)
+            known &= ~np.isnan(y)  # a NaN label counts as missing, like a null
             bad = known & (y != 0) & (y != 1)
             if bad.any():
                 raise DataError(f"{path}: label column {task.column!r} has value {float(y[bad][0]):g} "
@@ -219,11 +230,15 @@ class ChunkDecoder:
         return labels, mask
 
     def _sparse(self, col: pa.ChunkedArray, n: int, path: str, name: str,
-                counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+                counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> lengths [R], ids [L], offsets [R + 1] (zero-based)."""
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        offsets = None
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
             if arr.null_count == 0:  # fast path: lengths from the offsets
-                lengths = np.diff(arr.offsets.to_numpy()).astype(np.int32, copy=False)
+                offsets = arr.offsets.to_numpy().astype(np.int64)
+                offsets -= offsets[0]
+                lengths = np.diff(offsets).astype(np.int32)
             else:
                 lengths = arr.value_lengths().fill_null(0).to_numpy().astype(np.int32)
             flat = arr.flatten()
@@ -232,6 +247,7 @@ class ChunkDecoder:
             ids = flat.to_numpy().astype(np.int64, copy=False)
         elif arr.null_count == 0:
             lengths = np.ones(len(arr), np.int32)
+            offsets = np.arange(len(arr) + 1)
             ids = arr.to_numpy().astype(np.int64, copy=False)
         else:
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
@@ -246,7 +262,9 @@ class ChunkDecoder:
             ids = ids.copy()  # never write into Arrow's buffers
             ids[out] = hash_ids(ids[out], n)
             counters[COUNTERS.index("ids_remapped")] += int(out.sum())
-        return lengths, ids
+        if offsets is None:
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return lengths, ids, offsets
 
 
 def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:

@@ -30,7 +30,7 @@ from data.batch import Batch
 from data.reader import DataSource
 from models.mtl import build_ebc
 from trainer.build import DistEnv, build_optimizer, build_pipeline, build_train_module, build_training, shard
-from trainer.precision import precision_context
+from trainer.precision import AutocastForward, autocast_dtype, precision_context
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,16 @@ def build_variant(name: str, cfg, env: DistEnv):
                         torch.device("meta"), cfg.model.embedding_precision)
         if cfg.model.dense_arch[-1] != cfg.model.embedding_dim:
             raise ValueError("dlrm_dcn needs model.dense_arch[-1] == model.embedding_dim")
-        model = DLRMTrain(DLRM_DCN(ebc, len(cfg.data.dense), cfg.model.dense_arch,
-                                   cfg.model.shared_arch + cfg.model.head_arch + [1], cfg.model.cross_layers,
-                                   cfg.model.cross_low_rank, dense_device=env.device))
+        model = AutocastForward(DLRMTrain(DLRM_DCN(
+            ebc, len(cfg.data.dense), cfg.model.dense_arch, cfg.model.shared_arch + cfg.model.head_arch + [1],
+            cfg.model.cross_layers, cfg.model.cross_low_rank, dense_device=env.device)),
+            autocast_dtype(cfg.trainer.precision), env.device.type)
         dmp = shard(model, ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
         optimizer = build_optimizer(dmp, cfg.optim)
         return build_pipeline(dmp, optimizer, env), as_dlrm_batch
     cfg.balancer.method = name
-    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization)
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
+                                cfg.trainer.precision)
     _, _, pipeline = build_training(module, cfg, env)
     return pipeline, lambda b: b
 

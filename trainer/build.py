@@ -24,6 +24,7 @@ from balancing import build_balancer
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer.config import OptimConfig, TrainerConfig
+from trainer.precision import autocast_dtype
 from trainer.task_model import MultiTaskTrain
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,13 @@ def init_distributed() -> DistEnv:
 
 
 def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device,
-                       loss_normalization: str = "batch") -> MultiTaskTrain:
+                       loss_normalization: str = "batch", precision: str = "fp32") -> MultiTaskTrain:
     """Embedding tables on meta (the planner decides where they live), dense parts on device."""
     ebc = build_ebc([(f.name, f.num_embeddings) for f in data.sparse], model_cfg.embedding_dim,
                     torch.device("meta"), model_cfg.embedding_precision)
     model = MultiTaskDCN(ebc, len(data.dense), len(data.tasks), model_cfg, device)
-    return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization)
+    return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization,
+                          autocast_dtype(precision), device.type)
 
 
 def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,

@@ -73,7 +73,8 @@ def train(cfg) -> Dict:
     pin = env.device.type == "cuda"
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin)
     eval_src = DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin)
-    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization)
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
+                                cfg.trainer.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     balancer = dmp.module.balancer
     runlog = RunLog(out, env.is_main)

@@ -1,7 +1,7 @@
 """The training module that DMP wraps: model + balancer + per-task losses."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,11 @@ def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
 
 
 class MultiTaskTrain(nn.Module):
-    def __init__(self, model: MultiTaskDCN, balancer: Balancer, loss_normalization: str = "batch"):
+    def __init__(self, model: MultiTaskDCN, balancer: Balancer, loss_normalization: str = "batch",
+                 autocast_dtype: Optional[torch.dtype] = None, device_type: str = "cpu"):
         super().__init__()
+        # autocast per forward (never around a whole loop: see trainer.precision)
+        self.autocast_dtype, self.device_type = autocast_dtype, device_type
         if loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"trainer.loss_normalization must be one of {NORMALIZATIONS}")
         self.model = model
@@ -42,8 +45,11 @@ class MultiTaskTrain(nn.Module):
         self.loss_normalization = loss_normalization
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        h = self.model.representation(batch.dense_features, batch.sparse_features)  # [B, n']
-        logits = self.model.task_logits(self.balancer(h)).float()  # [B, M]; fp32 under autocast too
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            h = self.model.representation(batch.dense_features, batch.sparse_features)  # [B, n']
+            logits = self.model.task_logits(self.balancer(h))  # [B, M]
+        logits = logits.float()  # losses and predictions in fp32
         losses = masked_task_losses(logits, batch.labels, batch.label_mask, self.loss_normalization)  # [M]
         loss = self.balancer.combine_losses(losses)
         return loss, (losses.detach(), torch.sigmoid(logits.detach()), batch.labels, batch.label_mask)

@@ -137,11 +137,12 @@ class Chunk:
         return self.dense.shape[0]
 
     def slice(self, a: int, b: int, with_counters: bool) -> "Chunk":
-        """Rows [a, b) as views; the counters go with one slice of the chunk only."""
+        """Rows [a, b) as views; the counters go with one slice of the chunk only. Offsets stay
+        views too, so they need not start at 0: values are indexed relative to offsets[0]."""
         return Chunk(self.dense[a:b], self.labels[a:b], self.mask[a:b], [l[a:b] for l in self.lengths],
-                     [v[o[a]:o[b]] for v, o in zip(self.values, self.offsets)],
+                     [v[o[a] - o[0]:o[b] - o[0]] for v, o in zip(self.values, self.offsets)],
                      self.counters if with_counters else np.zeros_like(self.counters),
-                     [o[a:b + 1] - o[a] for o in self.offsets])
+                     [o[a:b + 1] for o in self.offsets])
 
     def compact(self) -> "Chunk":
         """Copies views into arrays of their own: a pickled view would carry its whole base."""
@@ -271,7 +272,7 @@ def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
     """Runs in the consuming process: DataLoader workers send Chunks (numpy arrays, pickled
     through the pipe), which is far cheaper than sending a handful of small tensors through
     shared-memory file descriptors for every batch."""
-    per_key = [int(o[-1]) for o in chunk.offsets]
+    per_key = [int(o[-1] - o[0]) for o in chunk.offsets]
     kjt = KeyedJaggedTensor(
         keys=keys, values=torch.from_numpy(np.concatenate(chunk.values)),
         lengths=torch.from_numpy(np.concatenate(chunk.lengths)), stride=chunk.rows,

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from data.reader import DataError
 from launch.config import ConfigError, load_config
 
 log = logging.getLogger("mbrec")
@@ -142,8 +143,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    _setup_logging()
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mbrec", description="Multi-task recommendation trainer with MultiBalance")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -157,16 +157,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         sp.set_defaults(fn=fn)
         return sp
 
+    def add_launcher(sp) -> None:
+        sp.add_argument("-s", "--scheduler", default="local_cwd")
+        sp.add_argument("-j", default="1x2", help="NNODESxNPROC_PER_NODE")
+
     add("synth", cmd_synth)
     add("train", cmd_train)
     sp = add("launch", cmd_launch)
-    sp.add_argument("-s", "--scheduler", default="local_cwd")
-    sp.add_argument("-j", default="1x2", help="NNODESxNPROC_PER_NODE")
+    add_launcher(sp)
     sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
     sp.add_argument("--scheduler-args", default=None, help="torchx -cfg string, e.g. partition=gpu")
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default="1x2")
     sp = add("compare", cmd_compare, config_required=False)
+    add_launcher(sp)
     sp.add_argument("--methods", default="", help="comma-separated; default: all")
     sp.add_argument("--seeds", type=int, default=3)
     sp.add_argument("--betas", default="0.5,2,5", help="MultiBalance beta sweep (besides the config's)")
@@ -174,10 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--no-single-task", action="store_true")
     sp.add_argument("--no-synth", dest="synth", action="store_false", help="do not generate the dataset")
     sp.add_argument("--out", default="runs/compare")
-    sp.add_argument("-s", "--scheduler", default="local_cwd")
-    sp.add_argument("-j", default="1x2")
-    sp = add("compare-worker", cmd_compare_worker)
-    sp.add_argument("--plan", required=True)
+    add("compare-worker", cmd_compare_worker).add_argument("--plan", required=True)
     for name, fn in (("bench", cmd_bench), ("bench-worker", cmd_bench_worker)):
         sp = add(name, fn)
         sp.add_argument("--variants", default="equal,multibalance,param_mgda,dlrm_dcn")
@@ -188,8 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sp.add_argument("--one-at-a-time", action="store_true", help="build one variant at a time (GPU memory)")
         sp.add_argument("--out", default="runs/bench/bench.json")
         if name == "bench":
-            sp.add_argument("-s", "--scheduler", default="local_cwd")
-            sp.add_argument("-j", default="1x2")
+            add_launcher(sp)
             sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
     sp = add("bench-data", cmd_bench_data)
     sp.add_argument("--workers", type=int, default=2, help="also time the reader with this many workers")
@@ -199,11 +199,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")
     sp.set_defaults(fn=cmd_report)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        log.error("%s", e)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        log.error("%s", e)  # bad config or input: the message names the key, file or column
         return 2
 
 

@@ -90,8 +90,10 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     sharding_types = trainer.sharding_types or (["table_wise"] if env.device.type == "cpu" else [])
     constraints = {cfg.name: ParameterConstraints(sharding_types=sharding_types)
                    for cfg in ebc.embedding_bag_configs()} if sharding_types else None
+    # the planner's memory budget: the real device's memory (its default assumes a smaller GPU)
+    hbm = {"hbm_cap": torch.cuda.get_device_properties(env.device).total_memory} if env.device.type == "cuda" else {}
     topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size,
-                        compute_device=env.device.type)
+                        compute_device=env.device.type, **hbm)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     sharders: List = get_default_sharders()
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)

@@ -31,6 +31,11 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def autocast_region(device_type: str, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """One autocast region (a no-op one for dtype None), opened per forward."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 class AutocastForward(nn.Module):
     """Runs `module`'s forward under autocast (None: as is); a fresh region every call."""
 
@@ -39,5 +44,5 @@ class AutocastForward(nn.Module):
         self.module, self.dtype, self.device_type = module, dtype, device_type
 
     def forward(self, batch):
-        with torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+        with autocast_region(self.device_type, self.dtype):
             return self.module(batch)

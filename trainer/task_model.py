@@ -10,6 +10,7 @@ from torch import nn
 from balancing.base import Balancer
 from data.batch import Batch
 from models.mtl import MultiTaskDCN
+from trainer.precision import autocast_region
 
 
 NORMALIZATIONS = ("batch", "labelled")
@@ -45,8 +46,7 @@ class MultiTaskTrain(nn.Module):
         self.loss_normalization = loss_normalization
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
+        with autocast_region(self.device_type, self.autocast_dtype):
             h = self.model.representation(batch.dense_features, batch.sparse_features)  # [B, n']
             logits = self.model.task_logits(self.balancer(h))  # [B, M]
         logits = logits.float()  # losses and predictions in fp32

@@ -16,7 +16,7 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,11 @@ class Balancer(nn.Module):
     def forward(self, h: torch.Tensor) -> List[torch.Tensor]:
         return [h] * self.num_tasks
 
+    def deferred_gram(self) -> Optional["DeferredGram"]:
+        """The mailbox of a method that uses the previous step's Gram, for the trainer to carry
+        on DDP's gradient all-reduce; None for the others."""
+        return None
+
     def combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """losses [M] -> scalar."""
         return (self.weights * losses).sum()
@@ -44,22 +49,25 @@ class Balancer(nn.Module):
 
 
 @torch.fx.wrap
-def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> Tuple[torch.Tensor, ...]:
+def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
     # Wrapped for FX: the train pipeline traces the model, and an autograd.Function with a
     # Python object argument must appear as a single opaque call.
     return _FanOut.apply(h, balancer)
 
 
 class _FanOut(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, balancer: "GradientBalancer") -> Tuple[torch.Tensor, ...]:
-        ctx.balancer = balancer
-        return tuple(h.view_as(h) for _ in range(balancer.num_tasks))
+    """h [B, n'] -> [M, B, n'] (a broadcast view: no copy). The heads take its `unbind(0)`,
+    whose backward stacks their M gradients in one op; this backward combines them."""
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        # grads: M tensors [B, n'] (zeros for a task whose loss had no labelled row)
-        return ctx.balancer.combine_grads(torch.stack(grads)), None
+    def forward(ctx, h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
+        ctx.balancer = balancer
+        return h.expand(balancer.num_tasks, *h.shape)
+
+    @staticmethod
+    def backward(ctx, grads: torch.Tensor):
+        # grads [M, B, n'] (zeros for a task whose loss had no labelled row)
+        return ctx.balancer.combine_grads(grads), None
 
 
 class GradientBalancer(Balancer):
@@ -71,7 +79,7 @@ class GradientBalancer(Balancer):
         self.register_buffer("grad_norm_balanced", torch.zeros(num_tasks))  # [M] after
 
     def forward(self, h: torch.Tensor) -> List[torch.Tensor]:
-        copies = fan_out(h, self)  # indexed, not list()-ed: under FX tracing this is a Proxy
+        copies = fan_out(h, self).unbind(0)  # indexed, not list()-ed: under FX tracing a Proxy
         return [copies[m] for m in range(self.num_tasks)]
 
     def combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
@@ -99,6 +107,77 @@ class GradientBalancer(Balancer):
     def stats(self) -> Dict[str, torch.Tensor]:
         return {"weight": self.weights, "grad_norm": self.grad_norm,
                 "grad_norm_balanced": self.grad_norm_balanced}
+
+
+class DeferredGram(nn.Module):
+    """A Gram matrix posted in step t's backward and read back, summed over ranks, in step
+    t+1's: the all-reduce then never blocks the backward.
+
+    Transport: a trainer that wraps the dense layers in DDP can carry it on DDP's last gradient
+    bucket (`trainer.comm`; it sets `carried`), which costs no collective of its own. Otherwise
+    `post` starts an async all-reduce, waited for one step later. The sum in flight between two
+    steps is part of the state_dict (`summed`, `valid`), so a resumed run continues exactly."""
+
+    def __init__(self, num_tasks: int):
+        super().__init__()
+        self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M], saved copy
+        self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's sum
+        self.carried = False  # set by the carrier once it is installed
+        self._pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
+        self._work = None  # its async all-reduce, without a carrier
+        self._ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
+
+    def post(self, local: torch.Tensor) -> None:
+        self._pending = local
+        if not self.carried:
+            if world_size() > 1:
+                self._work = dist.all_reduce(local, async_op=True)
+            else:
+                self.receive(self.take())
+
+    def take(self) -> Optional[torch.Tensor]:
+        """For the carrier: this step's local Gram (None if nothing was posted)."""
+        local, self._pending = self._pending, None
+        return local
+
+    def receive(self, summed: torch.Tensor) -> None:
+        """`summed` (M^2 numbers, any shape and float dtype) holds the sum over ranks of the
+        posted local Grams by the end of this step's backward (the carrier's all-reduce may
+        still be in flight now; DDP waits for it before the optimizer step)."""
+        self._ready = summed
+
+    def collect(self) -> Optional[torch.Tensor]:
+        """The previous step's global Gram [M, M], or None (first step of a run)."""
+        summed = self._settle()
+        self._ready = None
+        if summed is None:
+            return None
+        return summed.view(self.summed.shape).to(self.summed.dtype) / world_size() ** 2  # sum / W^2
+
+    def _settle(self) -> Optional[torch.Tensor]:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            self.receive(self.take())
+        elif self._pending is not None:
+            raise RuntimeError("the Gram posted in the last backward was not carried: no DDP bucket "
+                               "was reduced after the balancer's backward (no trainable dense parameter "
+                               "below the shared representation?)")
+        return self._ready
+
+    # Overridden rather than hooked: DMP's load_state_dict calls `_load_from_state_dict` on each
+    # module directly, without nn.Module's load hooks.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        summed = self._settle()
+        self.valid.fill_(summed is not None)
+        if summed is not None:
+            self.summed.copy_(summed.view(self.summed.shape))
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pending, self._work = None, None
+        self._ready = self.summed.clone() if bool(self.valid) else None
 
 
 def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

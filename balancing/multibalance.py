@@ -16,11 +16,16 @@ S = diag(u / n)); with several ranks it is all-reduced, so every rank computes t
 A task whose gradient is zero (no labelled row in the batch) keeps its EMA and its weight;
 the other weights move on the simplex of the remaining mass. No NaN, no host sync.
 
-`deferred_sync` (default off) hides the all-reduce latency where it blocks the host (gloo on
-CPU; on GPUs NCCL already runs it on a stream without a host wait): step t combines its
-gradients with the weights and scales computed from step t-1's global Gram, whose all-reduce
-was started asynchronously in step t-1's backward. Weights stay identical on every rank; the
-step uses one-step-old weights and norms (the first step after (re)start is exact).
+`deferred` (default off) uses the previous step's Gram: step t combines its gradients with the
+weights and scales computed from step t-1's global Gram, whose all-reduce then never blocks the
+backward; the trainer carries it on DDP's last gradient bucket, so it costs no collective of
+its own. Weights stay identical on every rank; they follow the exact sequence one step late
+(the first step after a (re)start uses the current weights on the raw gradients).
+
+Where the Gram lives on the CPU (CPU training), the M-sized step runs in Python floats
+(`multibalance_update_host`): there each torch op costs microseconds of dispatch, about 40 of
+them per step, and reading a value is free. On an accelerator the same step runs as tensor ops
+(`multibalance_update`): reading a value would stall the device queue.
 
 `scale_by_tasks` (default on) passes M * sum_m lambda_m v_m on, so that lambda = lambda0 =
 uniform without EMA reproduces the equal-weights gradient exactly and the shared layers'
@@ -29,13 +34,12 @@ effective learning rate matches the equal-weights baseline; off gives the paper'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-import torch.distributed as dist
-
-from balancing.base import GradientBalancer, combine, local_gram, world_size
+from balancing.base import DeferredGram, GradientBalancer, combine, local_gram
 from balancing.simplex import project_simplex
 
 EPS = 1e-12
@@ -50,7 +54,7 @@ class MultiBalanceConfig:
     cosine: bool = True  # cosine direction (paper, Sec. 5) instead of the raw gradient
     prior: List[float] = field(default_factory=list)  # lambda0; empty = uniform
     scale_by_tasks: bool = True
-    deferred_sync: bool = False
+    deferred: bool = True  # weights from the previous step's Gram (see the module docstring)
 
 
 def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, prior: torch.Tensor,
@@ -79,6 +83,41 @@ def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, 
     return lam_new, u_new, s, n
 
 
+def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[float], u: Sequence[float],
+                             prior: Sequence[float], cfg: MultiBalanceConfig
+                             ) -> Tuple[List[float], List[float], List[float], List[float]]:
+    """`multibalance_update` in Python floats (same arguments as lists, same results)."""
+    m = len(lam)
+    n = [math.sqrt(max(gram[i][i], 0.0)) for i in range(m)]
+    active = [x > 0 for x in n]
+    if cfg.ema:
+        u_new = [(ui + cfg.gamma * (ni - ui) if ui > 0 else ni) if a else ui for ui, ni, a in zip(u, n, active)]
+        s = [un / ni if a else 0.0 for un, ni, a in zip(u_new, n, active)]
+    else:
+        u_new = [ni if a else ui for ui, ni, a in zip(u, n, active)]
+        s = [1.0 if a else 0.0 for a in active]
+    sd = [si * (li + cfg.rho * pi) for si, li, pi in zip(s, lam, prior)]  # S d
+    direction = [s[i] * sum(gram[i][j] * sd[j] for j in range(m)) for i in range(m)]  # <v_i, V d>
+    if cfg.cosine:
+        d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
+        norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
+        direction = [x / max(si * ni * norm_a, EPS) for x, si, ni in zip(direction, s, n)]
+    y = [li - cfg.beta * x for li, x in zip(lam, direction)]
+    return project_simplex_host(y, active, lam), u_new, s, n
+
+
+def project_simplex_host(y: Sequence[float], active: Sequence[bool], fallback: Sequence[float]) -> List[float]:
+    """`balancing.simplex.project_simplex` in Python floats: the active entries onto the simplex
+    of the mass the inactive ones (kept at `fallback`) leave (Duchi et al. 2008, Fig. 1)."""
+    mass = 1.0 - sum(f for f, a in zip(fallback, active) if not a)
+    theta, css = 0.0, 0.0
+    for k, yk in enumerate(sorted((v for v, a in zip(y, active) if a), reverse=True), start=1):
+        css += yk
+        if k == 1 or yk * k > css - mass:  # a prefix of k; at least the largest entry
+            theta = (css - mass) / k
+    return [max(v - theta, 0.0) if a else f for v, a, f in zip(y, active, fallback)]
+
+
 class MultiBalance(GradientBalancer):
     def __init__(self, num_tasks: int, cfg: MultiBalanceConfig):
         super().__init__(num_tasks)
@@ -89,31 +128,37 @@ class MultiBalance(GradientBalancer):
         self.register_buffer("prior", prior)
         self.register_buffer("ema_norm", torch.zeros(num_tasks))  # u [M]
         self.weights.copy_(prior)
-        self._pending = None  # (async all-reduce work, its tensor) with deferred_sync
+        self.deferred = DeferredGram(num_tasks) if cfg.deferred else None
+
+    def deferred_gram(self) -> Optional[DeferredGram]:
+        return self.deferred
 
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
         scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
-        if self.cfg.deferred_sync and world_size() > 1:
-            gram = self._deferred_gram(grads)
+        if self.deferred is not None:
+            gram = self.deferred.collect()  # the previous step's
+            self.deferred.post(local_gram(grads))
             if gram is None:  # the first step: nothing global yet; the current weights, raw gradients
                 return combine(self.weights * scale, grads)
         else:
             gram = self.global_gram(grads)
-        lam, u, s, n = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
-        coef = lam * s  # [M]
-        self.weights.copy_(lam)
-        self.ema_norm.copy_(u)
-        self.grad_norm.copy_(n)
-        self.grad_norm_balanced.copy_(coef * n)
-        return combine(coef * scale, grads)  # [B, n']
+        return combine(self._step(gram, scale), grads)  # [B, n']
 
-    def _deferred_gram(self, grads: torch.Tensor) -> Optional[torch.Tensor]:
-        """The previous step's global Gram (None at the first step); starts this step's."""
-        previous = None
-        if self._pending is not None:
-            work, tensor = self._pending
-            work.wait()
-            previous = tensor / world_size() ** 2
-        local = local_gram(grads)
-        self._pending = (dist.all_reduce(local, async_op=True), local)
-        return previous
+    def _step(self, gram: torch.Tensor, scale: float) -> torch.Tensor:
+        """Updates the state from the global Gram [M, M]; -> the coefficients scale lambda_m s_m [M]."""
+        if gram.device.type == "cpu":
+            lam, u, s, n = multibalance_update_host(gram.tolist(), self.weights.tolist(), self.ema_norm.tolist(),
+                                                    self.prior.tolist(), self.cfg)
+            coef = [li * si for li, si in zip(lam, s)]
+            state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
+                                 dtype=self.weights.dtype)
+            lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
+        else:
+            lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
+            balanced = lam_t * s_t * n_t
+            coef_t = lam_t * s_t * scale
+        self.weights.copy_(lam_t)
+        self.ema_norm.copy_(u_t)
+        self.grad_norm.copy_(n_t)
+        self.grad_norm_balanced.copy_(balanced)
+        return coef_t

@@ -2,7 +2,8 @@
 in one job, alternating variants over several rounds (shared machines are noisy):
 
     equal         the multi-task model, sum of task losses
-    multibalance  the same model with MultiBalance on the shared representation
+    multibalance  the same model with MultiBalance on the shared representation, as configured
+                  (`multibalance_exact` / `multibalance_deferred`: with `deferred` off / on)
     param_mgda    MGDA on the interaction module's parameters (M extra backward passes)
     dlrm_dcn      torchrec.models.dlrm.DLRM_DCN, single task, same tables / dense / cross sizes
 
@@ -11,6 +12,7 @@ Each variant runs through DMP + TrainPipelineSparseDist exactly as in training.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 import json
@@ -44,6 +46,12 @@ class BenchConfig:
     parquet: bool = False  # read the config's train files instead of in-memory batches
     one_at_a_time: bool = False  # build each variant anew per round (GPU memory), else keep all
     distinct_batches: int = 8
+
+
+# the multi-task variants: name -> (balancer method, MultiBalance's `deferred`, None = as configured)
+MULTI_TASK = {"equal": ("equal", None), "multibalance": ("multibalance", None),
+              "multibalance_exact": ("multibalance", False), "multibalance_deferred": ("multibalance", True),
+              "param_mgda": ("param_mgda", None)}
 
 
 def random_batches(cfg, n: int, seed: int) -> List[Batch]:
@@ -84,7 +92,12 @@ def build_variant(name: str, cfg, env: DistEnv):
         dmp = shard(model, ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
         optimizer = build_optimizer(dmp, cfg.optim)
         return build_pipeline(dmp, optimizer, env), as_dlrm_batch
-    cfg.balancer.method = name
+    if name not in MULTI_TASK:
+        raise ValueError(f"unknown bench variant {name!r}; known: {', '.join([*MULTI_TASK, 'dlrm_dcn'])}")
+    cfg = copy.deepcopy(cfg)
+    cfg.balancer.method, deferred = MULTI_TASK[name]
+    if deferred is not None:
+        cfg.balancer.multibalance.deferred = deferred
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
     _, _, pipeline = build_training(module, cfg, env)
@@ -153,6 +166,8 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
         if base:
             row["ratio_best"] = max(vals) / max(base)
             row["ratio_median"] = statistics.median(vals) / statistics.median(base)
+            # the median of same-round ratios: robust to the machine's speed drifting between rounds
+            row["ratio_paired"] = statistics.median(v / b for v, b in zip(vals, base))
         rows[v] = row
     return {"device": str(env.device) if env.device.type == "cpu" else torch.cuda.get_device_name(env.device),
             "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
@@ -163,10 +178,12 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
 def format_table(result: Dict) -> str:
     lines = [f"{result['device']} x {result['world_size']} ranks, batch {result['batch_size_per_rank']}/rank, "
              f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input",
-             f"{'variant':<14}{'best QPS':>12}{'median QPS':>12}{'best/equal':>12}{'median/equal':>14}"]
+             f"{'variant':<22}{'best QPS':>11}{'median QPS':>11}{'best/equal':>11}{'median/equal':>13}"
+             f"{'paired/equal':>13}"]
+    nan = float("nan")
     for v, r in result["variants"].items():
-        lines.append(f"{v:<14}{r['best']:>12.0f}{r['median']:>12.0f}{r.get('ratio_best', float('nan')):>12.4f}"
-                     f"{r.get('ratio_median', float('nan')):>14.4f}")
+        lines.append(f"{v:<22}{r['best']:>11.0f}{r['median']:>11.0f}{r.get('ratio_best', nan):>11.4f}"
+                     f"{r.get('ratio_median', nan):>13.4f}{r.get('ratio_paired', nan):>13.4f}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import build_balancer
+from balancing.base import DeferredGram
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
+from trainer.comm import GramCarryingWrapper
 from trainer.config import OptimConfig, TrainerConfig
 from trainer.precision import autocast_dtype
 from trainer.task_model import MultiTaskTrain
@@ -80,8 +82,9 @@ def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, d
 
 
 def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
-          env: DistEnv, batch_size: int) -> DistributedModelParallel:
-    """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP."""
+          env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None) -> DistributedModelParallel:
+    """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP.
+    `gram`: a balancer's deferred Gram, carried on DDP's gradient all-reduce (trainer.comm)."""
     sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
@@ -99,7 +102,9 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
-    return DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    wrapper = GramCarryingWrapper(gram) if gram is not None else None
+    return DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders,
+                                    data_parallel_wrapper=wrapper)
 
 
 def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
@@ -116,6 +121,7 @@ def build_pipeline(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
 
 def build_training(module: MultiTaskTrain, cfg, env: DistEnv):
     """module (built by build_train_module) -> (dmp, optimizer, pipeline)."""
-    dmp = shard(module, module.model.ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size)
+    dmp = shard(module, module.model.ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size,
+                module.balancer.deferred_gram())
     optimizer = build_optimizer(dmp, cfg.optim)
     return dmp, optimizer, build_pipeline(dmp, optimizer, env)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from balancing import BalancerConfig, build_balancer
-from balancing.multibalance import MultiBalance, MultiBalanceConfig
+from balancing.base import local_gram
+from balancing.multibalance import MultiBalance, MultiBalanceConfig, multibalance_update, multibalance_update_host
 from tests.balancing.reference import ReferenceMultiBalance
 from tests.dist_utils import init_gloo, run_ranks
 
@@ -34,7 +35,7 @@ def random_grads(rng, step, zero_task=None):
 
 @pytest.mark.parametrize("ema,cosine", list(itertools.product([True, False], [True, False])))
 def test_matches_reference_over_steps(ema, cosine):
-    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine)
+    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, deferred=False)
     mb = MultiBalance(M, cfg).double()
     ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, ema, cosine)
     rng = np.random.default_rng(0)
@@ -48,8 +49,28 @@ def test_matches_reference_over_steps(ema, cosine):
     assert np.abs(ref.lam - 1 / M).max() > 0.05
 
 
+@pytest.mark.parametrize("ema,cosine", list(itertools.product([True, False], [True, False])))
+def test_host_and_tensor_updates_agree_over_steps(ema, cosine):
+    """CPU training runs the step in Python floats, accelerators as tensor ops: same numbers."""
+    cfg = MultiBalanceConfig(beta=2.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine)
+    lam = torch.full((M,), 1 / M, dtype=torch.float64)
+    prior, u = lam.clone(), torch.zeros(M, dtype=torch.float64)
+    host = (lam.tolist(), u.tolist())
+    rng = np.random.default_rng(5)
+    for step in range(10):
+        g = random_grads(rng, step, zero_task=step % 3 if step in (3, 7) else None)
+        gram = local_gram(torch.tensor(g))
+        lam, u, s, n = multibalance_update(gram, lam, u, prior, cfg)
+        got = multibalance_update_host(gram.tolist(), *host, prior.tolist(), cfg)
+        for want, have in zip((lam, u, s, n), got):
+            np.testing.assert_allclose(have, want.numpy(), rtol=1e-12, atol=1e-14)
+        host = got[:2]
+    assert np.abs(lam.numpy() - 1 / M).max() > 0.05  # the weights moved: not vacuous
+
+
 def test_gradient_form_with_large_beta_matches_reference():
-    cfg = MultiBalanceConfig(beta=50.0, rho=0.1, gamma=0.5, ema=True, cosine=False, scale_by_tasks=False)
+    cfg = MultiBalanceConfig(beta=50.0, rho=0.1, gamma=0.5, ema=True, cosine=False, scale_by_tasks=False,
+                             deferred=False)
     mb = MultiBalance(M, cfg).double()
     ref = ReferenceMultiBalance(M, 50.0, 0.1, 0.5, True, False, scale_by_tasks=False)
     rng = np.random.default_rng(1)
@@ -61,7 +82,7 @@ def test_gradient_form_with_large_beta_matches_reference():
 
 
 def test_zero_gradient_task_gives_no_nan_and_keeps_its_weight():
-    mb = MultiBalance(M, MultiBalanceConfig(beta=2.0)).double()
+    mb = MultiBalance(M, MultiBalanceConfig(beta=2.0, deferred=False)).double()
     rng = np.random.default_rng(2)
     backward_through(mb, torch.tensor(random_grads(rng, 0)))
     before = mb.weights.clone()
@@ -100,7 +121,7 @@ def _two_rank_step(seed: int):
     rank = torch.distributed.get_rank()
     rng = np.random.default_rng(seed)
     global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
-    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3)).double()
+    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)).double()
     out = []
     for g in global_g:
         # the global loss is the mean of the two local losses
@@ -132,7 +153,7 @@ def _deferred(seed: int):
     rank = torch.distributed.get_rank()
     rng = np.random.default_rng(seed)
     global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
-    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred_sync=True)).double()
+    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)).double()
     out = []
     for g in global_g:
         h = torch.zeros(B // 2, N, dtype=torch.float64, requires_grad=True)
@@ -142,10 +163,32 @@ def _deferred(seed: int):
     return out
 
 
-def test_deferred_sync_follows_the_exact_weights_one_step_late():
+def test_deferred_on_two_ranks_follows_the_exact_weights_one_step_late():
     r0, r1 = run_ranks(_deferred, (4,))
     exact = [w for w, _ in run_ranks(_two_rank_step, (4,))[0]]
     np.testing.assert_array_equal(np.array(r0), np.array(r1))
     np.testing.assert_allclose(r0[0], np.full(M, 1 / M))  # first step: no global Gram yet
     for t in range(1, 5):
         np.testing.assert_allclose(r0[t], exact[t - 1], rtol=1e-7, atol=1e-9)
+
+
+def test_deferred_follows_the_exact_sequence_one_step_late():
+    """Step t combines g_t with the weights and scales step t-1 computed exactly: the same
+    state sequence, one step late, also across a task without labels and an all-zero step."""
+    exact = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)).double()
+    late = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)).double()
+    rng = np.random.default_rng(6)
+    grads = [torch.tensor(random_grads(rng, s, zero_task=1 if s == 3 else None)) for s in range(7)]
+    grads[5] = torch.zeros_like(grads[5])
+    coef_prev = torch.full((M,), 1.0, dtype=torch.float64)  # first step: current weights x M, raw
+    for t, g in enumerate(grads):
+        got = backward_through(late, g)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, torch.einsum("m,mbn->bn", coef_prev, g))
+        torch.testing.assert_close(late.weights, exact.weights)  # exact has seen g_0 .. g_{t-1}
+        torch.testing.assert_close(late.ema_norm, exact.ema_norm)
+        backward_through(exact, g)
+        # the coefficients exact used at t are what late uses at t + 1
+        n = exact.grad_norm
+        coef_prev = torch.where(n > 0, exact.grad_norm_balanced / n.clamp(min=1e-300), 0.0) * M
+    assert (late.weights - 1 / M).abs().max() > 0.05

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from balancing.multibalance import project_simplex_host
 from balancing.simplex import project_simplex
 from tests.balancing.reference import project_simplex_bisect
 
@@ -38,3 +39,21 @@ def test_no_active_entry_returns_fallback():
     old = torch.tensor([0.5, 0.5], dtype=torch.float64)
     x = project_simplex(torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([False, False]), old)
     torch.testing.assert_close(x, old)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_host_projection_equals_the_tensor_one(m):
+    """The Python-float projection (CPU training) and the sync-free tensor one (accelerators)."""
+    rng = np.random.default_rng(10 + m)
+    for trial in range(100):
+        y = rng.normal(scale=2.0, size=m)
+        active = rng.random(m) < 0.7
+        old = rng.dirichlet(np.ones(m))
+        if trial == 0:  # the inactive entries hold all the mass: the active ones get none
+            active[:] = True
+            active[0] = False
+            old[:] = 0.0
+            old[0] = 1.0
+        want = project_simplex(torch.tensor(y), torch.tensor(active), torch.tensor(old)).numpy()
+        got = project_simplex_host(y.tolist(), active.tolist(), old.tolist())
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -13,7 +13,9 @@ def test_forward_shapes_and_single_backward():
                       shared_arch=[16, 6], head_arch=[5])
     ebc = build_ebc([("a", 10), ("b", 7)], 4, torch.device("cpu"))
     model = MultiTaskDCN(ebc, num_dense=3, num_tasks=3, cfg=cfg)
-    module = MultiTaskTrain(model, build_balancer(BalancerConfig(method="multibalance"), 3))
+    balancer_cfg = BalancerConfig(method="multibalance")
+    balancer_cfg.multibalance.deferred = False  # this step's gradient norms, not the previous one's
+    module = MultiTaskTrain(model, build_balancer(balancer_cfg, 3))
     kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 2, 3, 0, 6, 5]),
                                               torch.tensor([1, 1, 0, 2, 1, 1], dtype=torch.int32))
     labels = torch.tensor([[1.0, 0, 0], [0, 0, 0], [1, 1, 1]])

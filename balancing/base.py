@@ -126,9 +126,12 @@ class DeferredGram(nn.Module):
         self._pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
         self._work = None  # its async all-reduce, without a carrier
         self._ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
+        self._scale: Optional[float] = None  # 1 / W^2
 
     def post(self, local: torch.Tensor) -> None:
         self._pending = local
+        if self._scale is None:
+            self._scale = 1.0 / world_size() ** 2
         if not self.carried:
             if world_size() > 1:
                 self._work = dist.all_reduce(local, async_op=True)
@@ -146,13 +149,13 @@ class DeferredGram(nn.Module):
         still be in flight now; DDP waits for it before the optimizer step)."""
         self._ready = summed
 
-    def collect(self) -> Optional[torch.Tensor]:
-        """The previous step's global Gram [M, M], or None (first step of a run)."""
+    def collect(self) -> Optional[Tuple[torch.Tensor, float]]:
+        """The previous step's sum over ranks [M, M] (the carrier's dtype) and the factor that
+        makes it the global Gram, 1 / W^2 (left to the caller: free in Python floats); None at
+        the first step of a run."""
         summed = self._settle()
         self._ready = None
-        if summed is None:
-            return None
-        return summed.view(self.summed.shape).to(self.summed.dtype) / world_size() ** 2  # sum / W^2
+        return None if summed is None else (summed.view(self.summed.shape), self._scale)
 
     def _settle(self) -> Optional[torch.Tensor]:
         if self._work is not None:

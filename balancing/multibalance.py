@@ -84,25 +84,36 @@ def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, 
 
 
 def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[float], u: Sequence[float],
-                             prior: Sequence[float], cfg: MultiBalanceConfig
+                             prior: Sequence[float], cfg: MultiBalanceConfig, factor: float = 1.0
                              ) -> Tuple[List[float], List[float], List[float], List[float]]:
-    """`multibalance_update` in Python floats (same arguments as lists, same results)."""
+    """`multibalance_update` in Python floats (same arguments as lists, same results), for the
+    Gram matrix factor * gram. Plain loops: this runs cold once per step, where every Python
+    object it creates costs."""
     m = len(lam)
-    n = [math.sqrt(max(gram[i][i], 0.0)) for i in range(m)]
-    active = [x > 0 for x in n]
-    if cfg.ema:
-        u_new = [(ui + cfg.gamma * (ni - ui) if ui > 0 else ni) if a else ui for ui, ni, a in zip(u, n, active)]
-        s = [un / ni if a else 0.0 for un, ni, a in zip(u_new, n, active)]
-    else:
-        u_new = [ni if a else ui for ui, ni, a in zip(u, n, active)]
-        s = [1.0 if a else 0.0 for a in active]
-    sd = [si * (li + cfg.rho * pi) for si, li, pi in zip(s, lam, prior)]  # S d
-    direction = [s[i] * sum(gram[i][j] * sd[j] for j in range(m)) for i in range(m)]  # <v_i, V d>
-    if cfg.cosine:
-        d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
-        norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
-        direction = [x / max(si * ni * norm_a, EPS) for x, si, ni in zip(direction, s, n)]
-    y = [li - cfg.beta * x for li, x in zip(lam, direction)]
+    n, u_new, s, sd, active = [0.0] * m, list(u), [0.0] * m, [0.0] * m, [False] * m
+    for i in range(m):
+        n[i] = ni = math.sqrt(max(gram[i][i] * factor, 0.0))
+        if ni > 0:
+            active[i] = True
+            if cfg.ema:
+                u_new[i] = u[i] + cfg.gamma * (ni - u[i]) if u[i] > 0 else ni
+                s[i] = u_new[i] / ni
+            else:
+                u_new[i], s[i] = ni, 1.0
+        sd[i] = s[i] * (lam[i] + cfg.rho * prior[i])  # S d
+    direction, norm2 = [0.0] * m, 0.0
+    for i in range(m):
+        row = gram[i]
+        acc = 0.0
+        for j in range(m):
+            acc += row[j] * sd[j]
+        direction[i] = s[i] * acc * factor  # <v_i, V d>
+        norm2 += (lam[i] + cfg.rho * prior[i]) * direction[i]  # ||V d||^2 = d . direction
+    y = [0.0] * m
+    norm_a = math.sqrt(max(norm2, 0.0))
+    for i in range(m):
+        x = direction[i] / max(s[i] * n[i] * norm_a, EPS) if cfg.cosine else direction[i]
+        y[i] = lam[i] - cfg.beta * x
     return project_simplex_host(y, active, lam), u_new, s, n
 
 
@@ -136,24 +147,27 @@ class MultiBalance(GradientBalancer):
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
         scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
         if self.deferred is not None:
-            gram = self.deferred.collect()  # the previous step's
+            previous = self.deferred.collect()  # (sum over ranks, 1 / W^2) of the previous step
             self.deferred.post(local_gram(grads))
-            if gram is None:  # the first step: nothing global yet; the current weights, raw gradients
+            if previous is None:  # the first step: nothing global yet; the current weights, raw gradients
                 return combine(self.weights * scale, grads)
+            gram, factor = previous
         else:
-            gram = self.global_gram(grads)
-        return combine(self._step(gram, scale), grads)  # [B, n']
+            gram, factor = self.global_gram(grads), 1.0
+        return combine(self._step(gram, factor, scale), grads)  # [B, n']
 
-    def _step(self, gram: torch.Tensor, scale: float) -> torch.Tensor:
-        """Updates the state from the global Gram [M, M]; -> the coefficients scale lambda_m s_m [M]."""
+    def _step(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
+        """Updates the state from the global Gram factor * gram [M, M]; -> the coefficients
+        scale lambda_m s_m [M]."""
         if gram.device.type == "cpu":
             lam, u, s, n = multibalance_update_host(gram.tolist(), self.weights.tolist(), self.ema_norm.tolist(),
-                                                    self.prior.tolist(), self.cfg)
+                                                    self.prior.tolist(), self.cfg, factor)
             coef = [li * si for li, si in zip(lam, s)]
             state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
                                  dtype=self.weights.dtype)
             lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
         else:
+            gram = gram.to(self.weights.dtype) * factor if factor != 1.0 else gram.to(self.weights.dtype)
             lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
             balanced = lam_t * s_t * n_t
             coef_t = lam_t * s_t * scale

@@ -48,6 +48,8 @@ class GramCarryingWrapper(DefaultDataParallelWrapper):
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         super().wrap(dmp, env, device)
+        if env.world_size == 1:  # nothing to reduce: the mailbox hands the local Gram over as is
+            return
         ddp = next((m for m in dmp.modules() if isinstance(m, DistributedDataParallel)), None)
         if ddp is None:  # nothing data-parallel: the mailbox runs its own all-reduce
             log.warning("no DDP module to carry the balancer's Gram: it uses an all-reduce of its own")

@@ -49,7 +49,7 @@ def _carried(steps: int):
         x = torch.randn(8, 5, generator=torch.Generator().manual_seed(10 * step + rank))
         carried(x).sum().backward()
         plain(x).sum().backward()
-        out.append((None if collected is None else collected.numpy().copy(),
+        out.append((None if collected is None else (collected[0] * collected[1]).numpy().copy(),
                     [p.grad.numpy().copy() for p in carried.parameters()],
                     [p.grad.numpy().copy() for p in plain.parameters()]))
         for p in list(carried.parameters()) + list(plain.parameters()):

@@ -130,8 +130,6 @@ class DeferredGram(nn.Module):
 
     def post(self, local: torch.Tensor) -> None:
         self._pending = local
-        if self._scale is None:
-            self._scale = 1.0 / world_size() ** 2
         if not self.carried:
             if world_size() > 1:
                 self._work = dist.all_reduce(local, async_op=True)
@@ -155,7 +153,11 @@ class DeferredGram(nn.Module):
         the first step of a run."""
         summed = self._settle()
         self._ready = None
-        return None if summed is None else (summed.view(self.summed.shape), self._scale)
+        if summed is None:
+            return None
+        if self._scale is None:
+            self._scale = 1.0 / world_size() ** 2
+        return summed.view(self.summed.shape), self._scale
 
     def _settle(self) -> Optional[torch.Tensor]:
         if self._work is not None:

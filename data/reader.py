@@ -118,19 +118,21 @@ def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
 
 @dataclass
 class Chunk:
-    """Decoded rows: dense [R, D], labels/mask [R, M], per feature lengths [R] and values [L]
-    with offsets [R + 1] (prefix sums of lengths, so that any row range slices in O(1))."""
+    """Decoded rows: dense [R, D], labels/mask [R, M], lengths [F, R] (KJT order once
+    flattened), per feature values [L_f], and offsets [F, R + 1] (prefix sums of lengths, so
+    that any row range slices in O(1))."""
     dense: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
-    lengths: List[np.ndarray]
+    lengths: np.ndarray
     values: List[np.ndarray]
     counters: np.ndarray
-    offsets: List[np.ndarray] = None  # type: ignore[assignment]
+    offsets: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.offsets is None:
-            self.offsets = [np.concatenate([[0], np.cumsum(l, dtype=np.int64)]) for l in self.lengths]
+            self.offsets = np.zeros((self.lengths.shape[0], self.lengths.shape[1] + 1), np.int64)
+            np.cumsum(self.lengths, axis=1, out=self.offsets[:, 1:])
 
     @property
     def rows(self) -> int:
@@ -138,22 +140,22 @@ class Chunk:
 
     def slice(self, a: int, b: int, with_counters: bool) -> "Chunk":
         """Rows [a, b) as views; the counters go with one slice of the chunk only. Offsets stay
-        views too, so they need not start at 0: values are indexed relative to offsets[0]."""
-        return Chunk(self.dense[a:b], self.labels[a:b], self.mask[a:b], [l[a:b] for l in self.lengths],
-                     [v[o[a] - o[0]:o[b] - o[0]] for v, o in zip(self.values, self.offsets)],
-                     self.counters if with_counters else np.zeros_like(self.counters),
-                     [o[a:b + 1] for o in self.offsets])
+        views too, so they need not start at 0: values are indexed relative to offsets[:, 0]."""
+        o = self.offsets
+        lo, hi = (o[:, a] - o[:, 0]).tolist(), (o[:, b] - o[:, 0]).tolist()
+        return Chunk(self.dense[a:b], self.labels[a:b], self.mask[a:b], self.lengths[:, a:b],
+                     [v[i:j] for v, i, j in zip(self.values, lo, hi)],
+                     self.counters if with_counters else np.zeros_like(self.counters), o[:, a:b + 1])
 
     def compact(self) -> "Chunk":
         """Copies views into arrays of their own: a pickled view would carry its whole base."""
-        return Chunk(self.dense.copy(), self.labels.copy(), self.mask.copy(), [l.copy() for l in self.lengths],
-                     [v.copy() for v in self.values], self.counters.copy(), [o.copy() for o in self.offsets])
+        return Chunk(self.dense.copy(), self.labels.copy(), self.mask.copy(), self.lengths.copy(),
+                     [v.copy() for v in self.values], self.counters.copy(), self.offsets.copy())
 
     @staticmethod
     def concat(a: "Chunk", b: "Chunk") -> "Chunk":
         return Chunk(np.concatenate([a.dense, b.dense]), np.concatenate([a.labels, b.labels]),
-                     np.concatenate([a.mask, b.mask]),
-                     [np.concatenate([x, y]) for x, y in zip(a.lengths, b.lengths)],
+                     np.concatenate([a.mask, b.mask]), np.concatenate([a.lengths, b.lengths], axis=1),
                      [np.concatenate([x, y]) for x, y in zip(a.values, b.values)], a.counters + b.counters)
 
 
@@ -189,18 +191,12 @@ class ChunkDecoder:
     def decode(self, table: pa.Table, path: str, rg: int) -> Chunk:
         counters = np.zeros(len(COUNTERS), np.int64)
         counters[COUNTERS.index("rows")] = table.num_rows
-        dense = np.empty((table.num_rows, len(self.cfg.dense)), np.float32)
-        for j, col in enumerate(self.cfg.dense):
-            arr = table.column(col)
-            filled = arr.null_count
-            # nulls filled by Arrow, then a zero-copy view for float32 columns
-            x = (pc.fill_null(arr, self.cfg.dense_fill) if filled else arr).to_numpy().astype(np.float32, copy=False)
-            nan = np.isnan(x)
-            if nan.any():  # NaN values that are not nulls: filled and counted the same way
-                x = np.where(nan, np.float32(self.cfg.dense_fill), x)
-                filled += int(nan.sum())
-            counters[COUNTERS.index("dense_filled")] += filled
-            dense[:, j] = x
+        dense = _as_float_matrix(table, self.cfg.dense)  # [R, D], NaN where null
+        nan = np.isnan(dense)  # nulls and NaN values alike: filled and counted
+        filled = int(np.count_nonzero(nan))
+        if filled:
+            dense[nan] = self.cfg.dense_fill
+            counters[COUNTERS.index("dense_filled")] = filled
         labels, mask = self._labels(table, path, rg)
         lengths, values, offsets = [], [], []
         for f in self.cfg.sparse:
@@ -208,27 +204,20 @@ class ChunkDecoder:
             lengths.append(lens)
             values.append(vals)
             offsets.append(offs)
-        return Chunk(dense, labels, mask, lengths, values, counters, offsets)
+        if not lengths:  # no sparse feature
+            return Chunk(dense, labels, mask, np.zeros((0, table.num_rows), np.int32), [], counters)
+        return Chunk(dense, labels, mask, np.stack(lengths), values, counters, np.stack(offsets))
 
     def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
-        labels = np.zeros((table.num_rows, len(self.cfg.tasks)), np.float32)
-        mask = np.zeros_like(labels)
-        for m, task in enumerate(self.cfg.tasks):
-            col = table.column(task.column)
-            if col.null_count:
-                known = col.is_valid().to_numpy(zero_copy_only=False)
-                col = pc.fill_null(col, 0)
-            else:
-                known = np.ones(len(col), bool)
-            y = col.to_numpy().astype(np.float32, copy=False)
-            known &= ~np.isnan(y)  # a NaN label counts as missing, like a null
-            bad = known & (y != 0) & (y != 1)
-            if bad.any():
-                raise DataError(f"{path}: label column {task.column!r} has value {float(y[bad][0]):g} "
-                                f"(row {int(np.argmax(bad))} of row group {rg}); labels must be 0, 1 or null")
-            labels[:, m] = np.where(known, y, 0.0)
-            mask[:, m] = known
-        return labels, mask
+        """-> labels [R, M] (0 where unknown), mask [R, M]; a null or NaN label is unknown."""
+        y = _as_float_matrix(table, [t.column for t in self.cfg.tasks])
+        known = ~np.isnan(y)
+        bad = known & (y != 0) & (y != 1)
+        if bad.any():
+            row, m = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{path}: label column {self.cfg.tasks[m].column!r} has value {float(y[row, m]):g} "
+                            f"(row {row} of row group {rg}); labels must be 0, 1 or null")
+        return np.where(known, y, np.float32(0.0)), known.astype(np.float32)
 
     def _sparse(self, col: pa.ChunkedArray, n: int, path: str, name: str,
                 counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -268,14 +257,26 @@ class ChunkDecoder:
         return lengths, ids, offsets
 
 
+def _as_float_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """Numeric columns -> float32 [R, len(columns)], NaN where a value is null (Arrow's own
+    conversion for floats and integers; booleans with nulls are cast first)."""
+    out = np.empty((table.num_rows, len(columns)), np.float32)
+    for j, name in enumerate(columns):
+        col = table.column(name)
+        if col.null_count and pa.types.is_boolean(col.type):
+            col = col.cast(pa.float32())
+        out[:, j] = col.to_numpy()
+    return out
+
+
 def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
     """Runs in the consuming process: DataLoader workers send Chunks (numpy arrays, pickled
     through the pipe), which is far cheaper than sending a handful of small tensors through
     shared-memory file descriptors for every batch."""
-    per_key = [int(o[-1] - o[0]) for o in chunk.offsets]
+    per_key = [len(v) for v in chunk.values]
     kjt = KeyedJaggedTensor(
         keys=keys, values=torch.from_numpy(np.concatenate(chunk.values)),
-        lengths=torch.from_numpy(np.concatenate(chunk.lengths)), stride=chunk.rows,
+        lengths=torch.from_numpy(chunk.lengths.ravel()), stride=chunk.rows,  # [F * R], key-major
         length_per_key=per_key, offset_per_key=[0] + list(itertools.accumulate(per_key)))
     return Batch(torch.from_numpy(chunk.dense), kjt, torch.from_numpy(chunk.labels),
                  torch.from_numpy(chunk.mask), torch.from_numpy(chunk.counters))

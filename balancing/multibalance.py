@@ -16,11 +16,13 @@ S = diag(u / n)); with several ranks it is all-reduced, so every rank computes t
 A task whose gradient is zero (no labelled row in the batch) keeps its EMA and its weight;
 the other weights move on the simplex of the remaining mass. No NaN, no host sync.
 
-`deferred` (default off) uses the previous step's Gram: step t combines its gradients with the
+`deferred` (default on) uses the previous step's Gram: step t combines its gradients with the
 weights and scales computed from step t-1's global Gram, whose all-reduce then never blocks the
 backward; the trainer carries it on DDP's last gradient bucket, so it costs no collective of
 its own. Weights stay identical on every rank; they follow the exact sequence one step late
-(the first step after a (re)start uses the current weights on the raw gradients).
+(the first step of a run uses the current weights on the raw gradients; the Gram in flight is
+checkpointed, so a resumed run continues exactly). Off: the per-step algorithm, with one
+all-reduce of M^2 numbers inside every backward.
 
 Where the Gram lives on the CPU (CPU training), the M-sized step runs in Python floats
 (`multibalance_update_host`): there each torch op costs microseconds of dispatch, about 40 of

@@ -73,3 +73,29 @@ def test_gram_rides_on_the_last_bucket_and_gradients_are_unchanged():
     # the ranks' gradients were averaged (they saw different data)
     for a, b in zip(r0[2][1], r1[2][1]):
         np.testing.assert_array_equal(a, b)
+
+
+def _train_steps(raw: dict, steps: int):
+    import itertools
+
+    from launch.config import RunConfig, from_dict
+    from trainer.bench import random_batches
+    from trainer.build import build_train_module, build_training, init_distributed
+    cfg = from_dict(RunConfig, raw)
+    env = init_distributed()
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device)
+    _, _, pipeline = build_training(module, cfg, env)
+    batches = itertools.islice(itertools.cycle(random_batches(cfg, 4, seed=env.rank)), steps)
+    for _ in range(steps):
+        pipeline.progress(batches)
+    mailbox = module.balancer.deferred_gram()
+    return mailbox.carried, module.balancer.weights.tolist()
+
+
+def test_the_trainer_carries_multibalance_gram_on_ddp(tiny_config):
+    """Through DMP + the train pipeline: the hook is installed (no all-reduce of its own) and
+    the weights, computed from the carried Gram, agree on both ranks and have moved."""
+    (carried0, w0), (carried1, w1) = run_ranks(_train_steps, (tiny_config, 6))
+    assert carried0 and carried1
+    assert w0 == w1
+    assert max(abs(w - 1 / 3) for w in w0) > 1e-4

@@ -14,6 +14,7 @@ under id_policy="hash" are remapped with `hash_ids` (counted).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import logging
@@ -234,9 +235,8 @@ class ChunkDecoder:
             if flat.null_count:
                 raise DataError(f"{path}: column {name!r} has a null id inside a list")
             ids = flat.to_numpy().astype(np.int64, copy=False)
-        elif arr.null_count == 0:
-            lengths = np.ones(len(arr), np.int32)
-            offsets = np.arange(len(arr) + 1)
+        elif arr.null_count == 0:  # one id per row: shared constants (the Chunk stacks copies)
+            lengths, offsets = _single_id_layout(len(arr))
             ids = arr.to_numpy().astype(np.int64, copy=False)
         else:
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
@@ -254,6 +254,14 @@ class ChunkDecoder:
         if offsets is None:
             offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         return lengths, ids, offsets
+
+
+@functools.lru_cache(maxsize=8)
+def _single_id_layout(rows: int) -> Tuple[np.ndarray, np.ndarray]:
+    """lengths [R] of ones and offsets [R + 1] = 0..R, read-only."""
+    lengths, offsets = np.ones(rows, np.int32), np.arange(rows + 1, dtype=np.int64)
+    lengths.flags.writeable = offsets.flags.writeable = False
+    return lengths, offsets
 
 
 def _as_float_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:

@@ -109,71 +109,79 @@ class GradientBalancer(Balancer):
                 "grad_norm_balanced": self.grad_norm_balanced}
 
 
+class _InFlight:
+    """DeferredGram's per-step state: a plain object, as nn.Module attribute access is slow
+    and this is touched in every backward."""
+    __slots__ = ("pending", "work", "ready", "scale")
+
+    def __init__(self):
+        self.pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
+        self.work = None  # its async all-reduce, without a carrier
+        self.ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
+        self.scale: Optional[float] = None  # 1 / W^2
+
+
 class DeferredGram(nn.Module):
     """A Gram matrix posted in step t's backward and read back, summed over ranks, in step
     t+1's: the all-reduce then never blocks the backward.
 
     Transport: a trainer that wraps the dense layers in DDP can carry it on DDP's last gradient
     bucket (`trainer.comm`; it sets `carried`), which costs no collective of its own. Otherwise
-    `post` starts an async all-reduce, waited for one step later. The sum in flight between two
-    steps is part of the state_dict (`summed`, `valid`), so a resumed run continues exactly."""
+    `exchange` starts an async all-reduce, waited for one step later. The sum in flight between
+    two steps is part of the state_dict (`summed`, `valid`), so a resumed run continues exactly."""
 
     def __init__(self, num_tasks: int):
         super().__init__()
         self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M], saved copy
         self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's sum
         self.carried = False  # set by the carrier once it is installed
-        self._pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
-        self._work = None  # its async all-reduce, without a carrier
-        self._ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
-        self._scale: Optional[float] = None  # 1 / W^2
+        self.flight = _InFlight()
 
-    def post(self, local: torch.Tensor) -> None:
-        self._pending = local
+    def exchange(self, local: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
+        """Posts this step's local Gram [M, M]; returns the previous step's sum over ranks
+        [M, M] (the carrier's dtype) and the factor that makes it the global Gram, 1 / W^2
+        (left to the caller: free in Python floats), or None at the first step of a run."""
+        f = self.flight
+        summed = self._settle(f)
+        f.ready, f.pending = None, local
         if not self.carried:
             if world_size() > 1:
-                self._work = dist.all_reduce(local, async_op=True)
+                f.work = dist.all_reduce(local, async_op=True)
             else:
-                self.receive(self.take())
+                f.ready, f.pending = local, None
+        if summed is None:
+            return None
+        if f.scale is None:
+            f.scale = 1.0 / world_size() ** 2
+        return summed.view(local.shape), f.scale
 
     def take(self) -> Optional[torch.Tensor]:
         """For the carrier: this step's local Gram (None if nothing was posted)."""
-        local, self._pending = self._pending, None
+        local, self.flight.pending = self.flight.pending, None
         return local
 
     def receive(self, summed: torch.Tensor) -> None:
-        """`summed` (M^2 numbers, any shape and float dtype) holds the sum over ranks of the
-        posted local Grams by the end of this step's backward (the carrier's all-reduce may
+        """For the carrier: `summed` (M^2 numbers, any shape and float dtype) holds the sum over
+        ranks of the posted local Grams by the end of this step's backward (the all-reduce may
         still be in flight now; DDP waits for it before the optimizer step)."""
-        self._ready = summed
+        self.flight.ready = summed
 
-    def collect(self) -> Optional[Tuple[torch.Tensor, float]]:
-        """The previous step's sum over ranks [M, M] (the carrier's dtype) and the factor that
-        makes it the global Gram, 1 / W^2 (left to the caller: free in Python floats); None at
-        the first step of a run."""
-        summed = self._settle()
-        self._ready = None
-        if summed is None:
-            return None
-        if self._scale is None:
-            self._scale = 1.0 / world_size() ** 2
-        return summed.view(self.summed.shape), self._scale
-
-    def _settle(self) -> Optional[torch.Tensor]:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-            self.receive(self.take())
-        elif self._pending is not None:
+    @staticmethod
+    def _settle(f: _InFlight) -> Optional[torch.Tensor]:
+        """The previous step's sum (waiting for an all-reduce of our own if there is one)."""
+        if f.work is not None:
+            f.work.wait()
+            f.work, f.ready, f.pending = None, f.pending, None
+        elif f.pending is not None:
             raise RuntimeError("the Gram posted in the last backward was not carried: no DDP bucket "
                                "was reduced after the balancer's backward (no trainable dense parameter "
                                "below the shared representation?)")
-        return self._ready
+        return f.ready
 
     # Overridden rather than hooked: DMP's load_state_dict calls `_load_from_state_dict` on each
     # module directly, without nn.Module's load hooks.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        summed = self._settle()
+        summed = self._settle(self.flight)
         self.valid.fill_(summed is not None)
         if summed is not None:
             self.summed.copy_(summed.view(self.summed.shape))
@@ -181,8 +189,8 @@ class DeferredGram(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._pending, self._work = None, None
-        self._ready = self.summed.clone() if bool(self.valid) else None
+        self.flight = _InFlight()
+        self.flight.ready = self.summed.clone() if bool(self.valid) else None
 
 
 def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

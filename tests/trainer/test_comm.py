@@ -32,23 +32,26 @@ class Net(nn.Module):
 
 def _carried(steps: int):
     """DDP with small buckets (several per step) and the hook, next to plain DDP on the same
-    data. Returns per step: what collect() gave at its start, the grads with the hook, the
+    data. Returns per step: what exchange() gave in its backward, the grads with the hook, the
     grads without."""
     init_gloo()
     rank = dist.get_rank()
     mailbox = DeferredGram(M)
-    step = 0
+    step, seen = 0, []
     carried = DistributedDataParallel(
-        Net(lambda g: mailbox.post(torch.full((M, M), 10.0 * step + rank + 1))), bucket_cap_mb=0.01)
+        Net(lambda g: seen.append(mailbox.exchange(torch.full((M, M), 10.0 * step + rank + 1)))),
+        bucket_cap_mb=0.01)
     carried.register_comm_hook((dist.group.WORLD, mailbox), gram_bucket_hook)
     mailbox.carried = True
     plain = DistributedDataParallel(Net(), bucket_cap_mb=0.01)
     out = []
     for step in range(steps):
-        collected = mailbox.collect()
         x = torch.randn(8, 5, generator=torch.Generator().manual_seed(10 * step + rank))
         carried(x).sum().backward()
+        # carried within its own step, by the last bucket: nothing left pending after the backward
+        assert mailbox.flight.pending is None, f"step {step}: the Gram was not carried"
         plain(x).sum().backward()
+        collected = seen[-1]  # what the exchange in this backward returned: the previous step's
         out.append((None if collected is None else (collected[0] * collected[1]).numpy().copy(),
                     [p.grad.numpy().copy() for p in carried.parameters()],
                     [p.grad.numpy().copy() for p in plain.parameters()]))

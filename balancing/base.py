@@ -112,13 +112,13 @@ class GradientBalancer(Balancer):
 class _InFlight:
     """DeferredGram's per-step state: a plain object, as nn.Module attribute access is slow
     and this is touched in every backward."""
-    __slots__ = ("pending", "work", "ready", "scale")
+    __slots__ = ("pending", "work", "ready", "world")
 
     def __init__(self):
         self.pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
         self.work = None  # its async all-reduce, without a carrier
         self.ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
-        self.scale: Optional[float] = None  # 1 / W^2
+        self.world = 0  # W, read at the first exchange (0: not yet)
 
 
 class DeferredGram(nn.Module):
@@ -142,18 +142,16 @@ class DeferredGram(nn.Module):
         [M, M] (the carrier's dtype) and the factor that makes it the global Gram, 1 / W^2
         (left to the caller: free in Python floats), or None at the first step of a run."""
         f = self.flight
+        if not f.world:
+            f.world = world_size()
         summed = self._settle(f)
         f.ready, f.pending = None, local
         if not self.carried:
-            if world_size() > 1:
+            if f.world > 1:
                 f.work = dist.all_reduce(local, async_op=True)
             else:
                 f.ready, f.pending = local, None
-        if summed is None:
-            return None
-        if f.scale is None:
-            f.scale = 1.0 / world_size() ** 2
-        return summed.view(local.shape), f.scale
+        return None if summed is None else (summed.view(local.shape), 1.0 / f.world ** 2)
 
     def take(self) -> Optional[torch.Tensor]:
         """For the carrier: this step's local Gram (None if nothing was posted)."""

@@ -93,6 +93,7 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
     object it creates costs."""
     m = len(lam)
     n, u_new, s, sd, active = [0.0] * m, list(u), [0.0] * m, [0.0] * m, [False] * m
+    d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
     for i in range(m):
         n[i] = ni = math.sqrt(max(gram[i][i] * factor, 0.0))
         if ni > 0:
@@ -102,7 +103,7 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
                 s[i] = u_new[i] / ni
             else:
                 u_new[i], s[i] = ni, 1.0
-        sd[i] = s[i] * (lam[i] + cfg.rho * prior[i])  # S d
+        sd[i] = s[i] * d[i]  # S d
     direction, norm2 = [0.0] * m, 0.0
     for i in range(m):
         row = gram[i]
@@ -110,7 +111,7 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
         for j in range(m):
             acc += row[j] * sd[j]
         direction[i] = s[i] * acc * factor  # <v_i, V d>
-        norm2 += (lam[i] + cfg.rho * prior[i]) * direction[i]  # ||V d||^2 = d . direction
+        norm2 += d[i] * direction[i]  # ||V d||^2 = d . direction
     y = [0.0] * m
     norm_a = math.sqrt(max(norm2, 0.0))
     for i in range(m):
@@ -168,7 +169,7 @@ class MultiBalance(GradientBalancer):
                                  dtype=self.weights.dtype)
             lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
         else:
-            gram = gram.to(self.weights.dtype) * factor if factor != 1.0 else gram.to(self.weights.dtype)
+            gram = gram.to(self.weights.dtype) * factor
             lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
             balanced = lam_t * s_t * n_t
             coef_t = lam_t * s_t * scale

@@ -2,10 +2,11 @@
 
 A balancer sits between the shared representation h [B, n'] and the M task heads:
 
-    hs = balancer(h)                    # M inputs for the heads (copies of h)
+    hs = balancer(h)                    # [M, B, n']: one input per head (copies of h)
     loss = balancer.combine_losses(L)   # L: per-task losses [M] -> the scalar to backward
 
-Loss-level methods (equal, fixed weights) only reweight L and hand the heads h itself.
+Loss-level methods (equal, fixed weights) only reweight L and hand the heads a broadcast view
+of h (autograd sums the heads' gradients).
 Gradient-level methods (MultiBalance) subclass `GradientBalancer`: `forward` is an autograd
 fan-out whose backward receives all M task gradients w.r.t. h at once, inside the single
 backward pass, and returns their combination to the shared layers. Per-task backward calls
@@ -16,7 +17,7 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,9 @@ class Balancer(nn.Module):
     def attach(self, model: nn.Module) -> None:
         """Called once with the model; methods that need its parameters take them here."""
 
-    def forward(self, h: torch.Tensor) -> List[torch.Tensor]:
-        return [h] * self.num_tasks
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, n'] -> [M, B, n'] (a broadcast view: no copy)."""
+        return h.expand(self.num_tasks, -1, -1)
 
     def deferred_gram(self) -> Optional["DeferredGram"]:
         """The mailbox of a method that uses the previous step's Gram, for the trainer to carry
@@ -52,22 +54,26 @@ class Balancer(nn.Module):
 def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
     # Wrapped for FX: the train pipeline traces the model, and an autograd.Function with a
     # Python object argument must appear as a single opaque call.
-    return _FanOut.apply(h, balancer)
+    mailbox = balancer.deferred_gram()
+    return _FanOut.apply(h, None if mailbox is None else mailbox.carrier, balancer)
 
 
 class _FanOut(torch.autograd.Function):
-    """h [B, n'] -> [M, B, n'] (a broadcast view: no copy). The heads take its `unbind(0)`,
-    whose backward stacks their M gradients in one op; this backward combines them."""
+    """h [B, n'] -> [M, B, n'] (a broadcast view: no copy). The batched heads hand back its
+    gradient as one [M, B, n'] tensor; this backward combines the M slices, and hands the local
+    Gram a deferred method posted to its mailbox's carrier as the carrier's gradient."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, carrier: Optional[torch.Tensor], balancer: "GradientBalancer") -> torch.Tensor:
         ctx.balancer = balancer
         return h.expand(balancer.num_tasks, *h.shape)
 
     @staticmethod
     def backward(ctx, grads: torch.Tensor):
         # grads [M, B, n'] (zeros for a task whose loss had no labelled row)
-        return ctx.balancer.combine_grads(grads), None
+        combined = ctx.balancer.combine_grads(grads)
+        mailbox = ctx.balancer.deferred_gram()
+        return combined, None if mailbox is None else mailbox.take(), None
 
 
 class GradientBalancer(Balancer):
@@ -78,9 +84,8 @@ class GradientBalancer(Balancer):
         self.register_buffer("grad_norm", torch.zeros(num_tasks))  # [M] ||g_m|| before
         self.register_buffer("grad_norm_balanced", torch.zeros(num_tasks))  # [M] after
 
-    def forward(self, h: torch.Tensor) -> List[torch.Tensor]:
-        copies = fan_out(h, self).unbind(0)  # indexed, not list()-ed: under FX tracing a Proxy
-        return [copies[m] for m in range(self.num_tasks)]
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return fan_out(h, self)
 
     def combine_losses(self, losses: torch.Tensor) -> torch.Tensor:
         return losses.sum()  # the weighting happens on the gradients
@@ -109,86 +114,111 @@ class GradientBalancer(Balancer):
                 "grad_norm_balanced": self.grad_norm_balanced}
 
 
+CARRIER_FLAG = "carries_gram"
+
+
+def carries_gram(p: torch.Tensor) -> bool:
+    """Whether `p` is a DeferredGram carrier: reduced by DDP with the dense gradients, never
+    optimised (the trainer keeps it out of the optimizer)."""
+    return getattr(p, CARRIER_FLAG, False)
+
+
 class _InFlight:
     """DeferredGram's per-step state: a plain object, as nn.Module attribute access is slow
     and this is touched in every backward."""
-    __slots__ = ("pending", "work", "ready", "world")
+    __slots__ = ("outgoing", "pending", "work", "ready", "restored", "world")
 
     def __init__(self):
-        self.pending: Optional[torch.Tensor] = None  # local Gram [M, M] of this step
-        self.work = None  # its async all-reduce, without a carrier
-        self.ready: Optional[torch.Tensor] = None  # the previous step's sum over ranks
+        self.outgoing: Optional[torch.Tensor] = None  # [M^2] this step's local Gram, for the carrier
+        self.pending: Optional[torch.Tensor] = None  # without a carrier: the local Gram being reduced
+        self.work = None  # its async all-reduce
+        self.ready: Optional[torch.Tensor] = None  # without a carrier: the previous step's sum
+        self.restored: Optional[torch.Tensor] = None  # the global Gram, from a checkpoint
         self.world = 0  # W, read at the first exchange (0: not yet)
 
 
 class DeferredGram(nn.Module):
-    """A Gram matrix posted in step t's backward and read back, summed over ranks, in step
-    t+1's: the all-reduce then never blocks the backward.
+    """A Gram matrix posted in step t's backward and read back, reduced over ranks, in step
+    t+1's: the reduction never blocks the backward.
 
-    Transport: a trainer that wraps the dense layers in DDP can carry it on DDP's last gradient
-    bucket (`trainer.comm`; it sets `carried`), which costs no collective of its own. Otherwise
-    `exchange` starts an async all-reduce, waited for one step later. The sum in flight between
-    two steps is part of the state_dict (`summed`, `valid`), so a resumed run continues exactly."""
+    Transport: `carrier`, a parameter of M^2 zeros that the forward never reads; the fan-out's
+    backward hands the posted local Gram over as its gradient. Under DDP (the trainer checks that
+    DDP holds it and sets `carried`) it is averaged over ranks by DDP's own all-reduce, in a bucket
+    with the dense gradients: no collective, hook or Python of its own, on any backend; DDP writes
+    the mean back to `carrier.grad` before the optimizer step, and the next backward reads it there.
+    Without a carrier, `exchange` starts an async all-reduce of its own, waited for one step
+    later. The global Gram in flight between two steps is part of the state_dict (`summed`,
+    `valid`), so a resumed run continues exactly."""
 
     def __init__(self, num_tasks: int):
         super().__init__()
-        self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M], saved copy
-        self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's sum
-        self.carried = False  # set by the carrier once it is installed
+        self.carrier = nn.Parameter(torch.zeros(num_tasks * num_tasks))  # [M^2]; its .grad carries
+        setattr(self.carrier, CARRIER_FLAG, True)
+        self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M] global Gram, saved copy
+        self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's Gram
+        self.carried = False  # set by the trainer when DDP reduces `carrier`
         self.flight = _InFlight()
 
     def exchange(self, local: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
-        """Posts this step's local Gram [M, M]; returns the previous step's sum over ranks
-        [M, M] (the carrier's dtype) and the factor that makes it the global Gram, 1 / W^2
-        (left to the caller: free in Python floats), or None at the first step of a run."""
+        """Posts this step's local Gram [M, M]; returns the previous step's reduced Gram [M, M]
+        and the factor that makes it the global Gram (1 / W for DDP's mean, 1 / W^2 for a sum;
+        left to the caller: free in Python floats), or None at the first step of a run."""
         f = self.flight
         if not f.world:
             f.world = world_size()
-        summed = self._settle(f)
-        f.ready, f.pending = None, local
-        if not self.carried:
-            if f.world > 1:
-                f.work = dist.all_reduce(local, async_op=True)
-            else:
-                f.ready, f.pending = local, None
-        return None if summed is None else (summed.view(local.shape), 1.0 / f.world ** 2)
+        previous = self._settle(f, consume=True)
+        if self.carried:
+            f.outgoing = local.reshape(-1).to(self.carrier.dtype)
+        elif f.world > 1:
+            f.pending, f.work = local, dist.all_reduce(local, async_op=True)
+        else:
+            f.ready = local
+        return previous
 
     def take(self) -> Optional[torch.Tensor]:
-        """For the carrier: this step's local Gram (None if nothing was posted)."""
-        local, self.flight.pending = self.flight.pending, None
-        return local
+        """For the fan-out's backward: the carrier's gradient [M^2] (None without a carrier)."""
+        out, self.flight.outgoing = self.flight.outgoing, None
+        return out
 
-    def receive(self, summed: torch.Tensor) -> None:
-        """For the carrier: `summed` (M^2 numbers, any shape and float dtype) holds the sum over
-        ranks of the posted local Grams by the end of this step's backward (the all-reduce may
-        still be in flight now; DDP waits for it before the optimizer step)."""
-        self.flight.ready = summed
-
-    @staticmethod
-    def _settle(f: _InFlight) -> Optional[torch.Tensor]:
-        """The previous step's sum (waiting for an all-reduce of our own if there is one)."""
+    def _settle(self, f: _InFlight, consume: bool) -> Optional[Tuple[torch.Tensor, float]]:
+        """The previous step's reduced Gram and its factor; `consume`: as the next step's input."""
+        if f.restored is not None:
+            previous = (f.restored, 1.0)
+            if consume:
+                f.restored, self.carrier.grad = None, None
+            return previous
+        if self.carried:
+            mean = self.carrier.grad  # DDP's mean over ranks, written back after last step's backward
+            if consume:  # this step's gradient then replaces it instead of adding to it
+                self.carrier.grad = None
+            return None if mean is None else (mean.view(self.summed.shape), 1.0 / f.world)
         if f.work is not None:
             f.work.wait()
             f.work, f.ready, f.pending = None, f.pending, None
-        elif f.pending is not None:
-            raise RuntimeError("the Gram posted in the last backward was not carried: no DDP bucket "
-                               "was reduced after the balancer's backward (no trainable dense parameter "
-                               "below the shared representation?)")
-        return f.ready
+        if f.ready is None:
+            return None
+        previous = (f.ready, 1.0 / f.world ** 2)
+        if consume:
+            f.ready = None
+        return previous
 
     # Overridden rather than hooked: DMP's load_state_dict calls `_load_from_state_dict` on each
     # module directly, without nn.Module's load hooks.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        summed = self._settle(self.flight)
-        self.valid.fill_(summed is not None)
-        if summed is not None:
-            self.summed.copy_(summed.view(self.summed.shape))
+        f = self.flight
+        if not f.world:
+            f.world = world_size()
+        previous = self._settle(f, consume=False)
+        self.valid.fill_(previous is not None)
+        if previous is not None:
+            self.summed.copy_(previous[0] * previous[1])
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.flight = _InFlight()
-        self.flight.ready = self.summed.clone() if bool(self.valid) else None
+        self.flight.restored = self.summed.clone() if bool(self.valid) else None
+        self.carrier.grad = None
 
 
 def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,11 @@ A task whose gradient is zero (no labelled row in the batch) keeps its EMA and i
 the other weights move on the simplex of the remaining mass. No NaN, no host sync.
 
 `deferred` (default on) uses the previous step's Gram: step t combines its gradients with the
-weights and scales computed from step t-1's global Gram, whose all-reduce then never blocks the
-backward; the trainer carries it on DDP's last gradient bucket, so it costs no collective of
-its own. Weights stay identical on every rank; they follow the exact sequence one step late
-(the first step of a run uses the current weights on the raw gradients; the Gram in flight is
-checkpointed, so a resumed run continues exactly). Off: the per-step algorithm, with one
+weights and scales computed from step t-1's global Gram, whose reduction then never blocks the
+backward; under DDP it travels as the gradient of a carrier parameter (`DeferredGram`), in DDP's
+own all-reduce, so it costs no collective of its own. Weights stay identical on every rank;
+they follow the exact sequence one step late (the first step of a run uses the current weights
+on the raw gradients; the Gram in flight is checkpointed, so a resumed run continues exactly). Off: the per-step algorithm, with one
 all-reduce of M^2 numbers inside every backward.
 
 Where the Gram lives on the CPU (CPU training), the M-sized step runs in Python floats

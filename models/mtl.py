@@ -4,7 +4,8 @@
     dense       -> MLP (numerical module)                        [B, n_dense]
     concat      -> DCN-v2 low-rank cross network (interaction)   [B, F * d + n_dense]
                 -> shared MLP -> shared representation h          [B, n']
-    h_m (one copy of h per task, from the balancer's fan-out) -> head m -> logit m   [B]
+    h_m (one copy of h per task, from the balancer's fan-out)      [M, B, n']
+                -> head m -> logit m (the M heads as batched matmuls)  [B, M]
 """
 from __future__ import annotations
 
@@ -48,14 +49,37 @@ def build_ebc(tables: Sequence[tuple], dim: int, device: torch.device,
     )
 
 
-class Head(nn.Module):
-    def __init__(self, in_features: int, hidden: Sequence[int], device: Optional[torch.device]):
-        super().__init__()
-        self.mlp = MLP(in_features, list(hidden), device=device) if hidden else nn.Identity()
-        self.out = nn.Linear(hidden[-1] if hidden else in_features, 1, device=device)
+class BatchedLinear(nn.Module):
+    """M independent linear layers applied as one batched matmul: x [M, B, in] -> [M, B, out].
+    Initialised like M `nn.Linear`s (uniform in +-1/sqrt(in))."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(h)).squeeze(-1)  # [B]
+    def __init__(self, num: int, in_features: int, out_features: int, device: Optional[torch.device]):
+        super().__init__()
+        bound = in_features ** -0.5
+        self.weight = nn.Parameter(torch.empty(num, in_features, out_features, device=device).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num, 1, out_features, device=device).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TaskHeads(nn.Module):
+    """The M task heads (ReLU MLPs of the same shape, one logit each), run together: a few
+    batched matmuls instead of M small MLPs, and the balancer's fan-out hands over its M copies
+    of h as one [M, B, n'] tensor, whose gradient comes back as one [M, B, n'] tensor."""
+
+    def __init__(self, num_tasks: int, in_features: int, hidden: Sequence[int], device: Optional[torch.device]):
+        super().__init__()
+        sizes = [in_features, *hidden, 1]
+        self.layers = nn.ModuleList(BatchedLinear(num_tasks, i, o, device) for i, o in zip(sizes, sizes[1:]))
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        """hs [M, B, n'] -> logits [B, M]."""
+        *hidden, out = self.layers
+        x = hs
+        for layer in hidden:
+            x = torch.relu(layer(x))
+        return out(x).squeeze(-1).T
 
 
 class MultiTaskDCN(nn.Module):
@@ -71,7 +95,7 @@ class MultiTaskDCN(nn.Module):
         cross_in = self.num_sparse * cfg.embedding_dim + cfg.dense_arch[-1]
         self.cross = LowRankCrossNet(cross_in, cfg.cross_layers, cfg.cross_low_rank)
         self.shared = MLP(cross_in, cfg.shared_arch, device=device)
-        self.heads = nn.ModuleList(Head(cfg.shared_arch[-1], cfg.head_arch, device) for _ in range(num_tasks))
+        self.heads = TaskHeads(num_tasks, cfg.shared_arch[-1], cfg.head_arch, device)
         self.cross.to(device)  # LowRankCrossNet takes no device argument
         self.representation_dim = cfg.shared_arch[-1]
 
@@ -80,7 +104,6 @@ class MultiTaskDCN(nn.Module):
         x = torch.cat([emb, self.dense_arch(dense)], dim=1)  # [B, F * d + n_dense]
         return self.shared(self.cross(x))  # [B, n']
 
-    def task_logits(self, hs: List[torch.Tensor]) -> torch.Tensor:
-        """hs: one [B, n'] input per head (copies of h) -> logits [B, M]."""
-        # indexed rather than zipped: the train pipeline's FX tracer may hand us a Proxy
-        return torch.stack([head(hs[m]) for m, head in enumerate(self.heads)], dim=1)
+    def task_logits(self, hs: torch.Tensor) -> torch.Tensor:
+        """hs [M, B, n']: one copy of h per head (from the balancer's fan-out) -> logits [B, M]."""
+        return self.heads(hs)

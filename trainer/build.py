@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
@@ -21,10 +22,9 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import build_balancer
-from balancing.base import DeferredGram
+from balancing.base import DeferredGram, carries_gram
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
-from trainer.comm import GramCarryingWrapper
 from trainer.config import OptimConfig, TrainerConfig
 from trainer.precision import autocast_dtype
 from trainer.task_model import MultiTaskTrain
@@ -84,7 +84,7 @@ def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, d
 def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
           env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None) -> DistributedModelParallel:
     """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP.
-    `gram`: a balancer's deferred Gram, carried on DDP's gradient all-reduce (trainer.comm)."""
+    `gram`: a balancer's deferred Gram, whose carrier DDP then reduces with the dense gradients."""
     sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
@@ -102,14 +102,19 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
-    wrapper = GramCarryingWrapper(gram) if gram is not None else None
-    return DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders,
-                                    data_parallel_wrapper=wrapper)
+    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    if gram is not None:
+        gram.carried = any(p is gram.carrier for m in dmp.modules() if isinstance(m, DistributedDataParallel)
+                           for p in m.parameters())
+        if not gram.carried and env.world_size > 1:
+            log.warning("DDP does not reduce the balancer's Gram carrier: it uses an all-reduce of its own")
+    return dmp
 
 
 def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
     dense_cls = DENSE_OPTIMIZERS[optim.dense]
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense_params = {name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters())
+                    if not carries_gram(p)}  # a Gram carrier's gradient is a message, not a gradient
     dense = KeyedOptimizerWrapper(dense_params, lambda params: dense_cls(params, lr=optim.dense_lr))
     return CombinedOptimizer([dmp.fused_optimizer, dense])
 

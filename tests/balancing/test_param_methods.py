@@ -39,7 +39,7 @@ def test_param_mgda_weights_are_the_min_norm_point_of_the_module_gradients():
     params = list(ref.cross.parameters())
     jac = []
     for m in range(3):
-        logits = ref.task_logits([ref.representation(b.dense_features, b.sparse_features)] * 3)
+        logits = ref.task_logits(ref.representation(b.dense_features, b.sparse_features).expand(3, -1, -1))
         lm = masked_task_losses(logits, b.labels, b.label_mask)[m]
         jac.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(lm, params)]))
     jac = torch.stack(jac).double()

@@ -2,7 +2,7 @@ import torch
 
 from balancing import BalancerConfig, build_balancer
 from data.batch import Batch
-from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
+from models.mtl import ModelConfig, MultiTaskDCN, TaskHeads, build_ebc
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.task_model import MultiTaskTrain, masked_task_losses
 
@@ -38,3 +38,21 @@ def test_task_without_labels_has_zero_loss_and_gradient():
         assert losses[1] == 0 and torch.isfinite(losses).all()
         (g,) = torch.autograd.grad(losses.sum(), logits)
         assert (g[:, 1] == 0).all() and (g[2] == 0).all()
+
+
+def test_task_heads_are_independent_mlps():
+    """The batched heads compute, for every m, head m's own ReLU MLP on copy m of h, and the
+    gradient that reaches copy m comes from task m's logit alone."""
+    torch.manual_seed(0)
+    heads = TaskHeads(3, 6, [5, 4], None)
+    hs = torch.randn(3, 7, 6, requires_grad=True)  # distinct inputs per head
+    logits = heads(hs)
+    assert logits.shape == (7, 3)
+    for m in range(3):
+        x = hs[m]
+        for i, layer in enumerate(heads.layers):
+            x = x @ layer.weight[m] + layer.bias[m]
+            x = torch.relu(x) if i < len(heads.layers) - 1 else x
+        torch.testing.assert_close(logits[:, m], x.squeeze(-1))
+    (g,) = torch.autograd.grad(logits[:, 1].sum(), hs)
+    assert g[1].abs().sum() > 0 and (g[0] == 0).all() and (g[2] == 0).all()

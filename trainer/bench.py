@@ -17,10 +17,11 @@ import gc
 import itertools
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -167,7 +168,9 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
             row["ratio_best"] = max(vals) / max(base)
             row["ratio_median"] = statistics.median(vals) / statistics.median(base)
             # the median of same-round ratios: robust to the machine's speed drifting between rounds
-            row["ratio_paired"] = statistics.median(v / b for v, b in zip(vals, base))
+            paired = sorted(v / b for v, b in zip(vals, base))
+            row["ratio_paired"] = statistics.median(paired)
+            row["ratio_paired_ci95"] = median_ci95(paired)
         rows[v] = row
     return {"device": str(env.device) if env.device.type == "cpu" else torch.cuda.get_device_name(env.device),
             "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
@@ -175,15 +178,25 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
             "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps, "variants": rows}
 
 
+def median_ci95(values: List[float]) -> Optional[List[float]]:
+    """Distribution-free 95 % confidence interval of the median of `values` (sorted): the order
+    statistics k and n + 1 - k with k from the binomial(n, 1/2) normal approximation; None for
+    fewer than 6 values, where no interval reaches 95 %."""
+    n = len(values)
+    k = math.floor((n - 1.96 * math.sqrt(n)) / 2)  # 1-based rank of the lower bound
+    return [values[k - 1], values[n - k]] if n >= 6 and k >= 1 else None
+
+
 def format_table(result: Dict) -> str:
     lines = [f"{result['device']} x {result['world_size']} ranks, batch {result['batch_size_per_rank']}/rank, "
              f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input",
              f"{'variant':<22}{'best QPS':>11}{'median QPS':>11}{'best/equal':>11}{'median/equal':>13}"
-             f"{'paired/equal':>13}"]
+             f"{'paired/equal':>13}{'paired 95% CI':>18}"]
     nan = float("nan")
     for v, r in result["variants"].items():
         lines.append(f"{v:<22}{r['best']:>11.0f}{r['median']:>11.0f}{r.get('ratio_best', nan):>11.4f}"
-                     f"{r.get('ratio_median', nan):>13.4f}{r.get('ratio_paired', nan):>13.4f}")
+                     f"{r.get('ratio_median', nan):>13.4f}{r.get('ratio_paired', nan):>13.4f}"
+                     + (f"{'%.4f-%.4f' % tuple(r['ratio_paired_ci95']):>18}" if r.get("ratio_paired_ci95") else ""))
     return "\n".join(lines)
 
 

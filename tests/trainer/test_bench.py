@@ -32,3 +32,14 @@ def test_bench_all_variants_two_ranks(tiny_config):
     assert "dlrm_dcn" in table and result["world_size"] == 2
     # Parquet input: more steps than one epoch has (12000 rows / 2 ranks / 256 = 24): it wraps
     assert parquet["input"] == "parquet" and parquet["variants"]["equal"]["best"] > 0
+
+
+def test_median_ci95_uses_the_binomial_order_statistics():
+    from trainer.bench import median_ci95
+    assert median_ci95([1.0, 2, 3, 4, 5]) is None  # 5 values: no order statistics reach 95 %
+    # n = 30: k = floor((30 - 1.96 sqrt(30)) / 2) = 9 -> the 9th and 22nd smallest
+    values = [float(i) for i in range(1, 31)]
+    assert median_ci95(values) == [9.0, 22.0]
+    # n = 6: k = floor((6 - 4.80) / 2) = 0 -> None; n = 8: k = floor((8 - 5.54) / 2) = 1 -> min, max
+    assert median_ci95([float(i) for i in range(6)]) is None
+    assert median_ci95([float(i) for i in range(8)]) == [0.0, 7.0]

@@ -17,6 +17,7 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -55,6 +56,8 @@ def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
     # Wrapped for FX: the train pipeline traces the model, and an autograd.Function with a
     # Python object argument must appear as a single opaque call.
     mailbox = balancer.deferred_gram()
+    if mailbox is not None and torch.is_grad_enabled():
+        mailbox.prefetch()  # the backward of this forward reads the previous step's Gram
     return _FanOut.apply(h, None if mailbox is None else mailbox.carrier, balancer)
 
 
@@ -126,7 +129,7 @@ def carries_gram(p: torch.Tensor) -> bool:
 class _InFlight:
     """DeferredGram's per-step state: a plain object, as nn.Module attribute access is slow
     and this is touched in every backward."""
-    __slots__ = ("outgoing", "pending", "work", "ready", "restored", "world")
+    __slots__ = ("outgoing", "pending", "work", "ready", "restored", "host", "copied", "world")
 
     def __init__(self):
         self.outgoing: Optional[torch.Tensor] = None  # [M^2] this step's local Gram, for the carrier
@@ -134,6 +137,8 @@ class _InFlight:
         self.work = None  # its async all-reduce
         self.ready: Optional[torch.Tensor] = None  # without a carrier: the previous step's sum
         self.restored: Optional[torch.Tensor] = None  # the global Gram, from a checkpoint
+        self.host: Optional[torch.Tensor] = None  # carrier.grad being copied to pinned host memory
+        self.copied = None  # the event that copy completes
         self.world = 0  # W, read at the first exchange (0: not yet)
 
 
@@ -175,6 +180,20 @@ class DeferredGram(nn.Module):
             f.ready = local
         return previous
 
+    def prefetch(self) -> None:
+        """Called in the forward: on an accelerator, starts copying the carried Gram (final since
+        the last backward) to pinned host memory. The backward then reads it on the host, long
+        after the copy ran, without stalling the device queue, and the balancer's M-sized step
+        runs there in Python floats instead of as ~40 tiny kernels."""
+        mean = self.carrier.grad
+        if not self.carried or mean is None or mean.device.type != "cuda" or self.flight.restored is not None:
+            return
+        f = self.flight
+        f.host = torch.empty(mean.shape, dtype=mean.dtype, pin_memory=True)
+        f.host.copy_(mean, non_blocking=True)
+        f.copied = torch.cuda.Event()
+        f.copied.record()
+
     def take(self) -> Optional[torch.Tensor]:
         """For the fan-out's backward: the carrier's gradient [M^2] (None without a carrier)."""
         out, self.flight.outgoing = self.flight.outgoing, None
@@ -189,8 +208,11 @@ class DeferredGram(nn.Module):
             return previous
         if self.carried:
             mean = self.carrier.grad  # DDP's mean over ranks, written back after last step's backward
+            if f.host is not None:  # prefetched in the forward
+                f.copied.synchronize()
+                mean = f.host
             if consume:  # this step's gradient then replaces it instead of adding to it
-                self.carrier.grad = None
+                self.carrier.grad, f.host, f.copied = None, None, None
             return None if mean is None else (mean.view(self.summed.shape), 1.0 / f.world)
         if f.work is not None:
             f.work.wait()
@@ -226,11 +248,25 @@ def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return (coef.to(grads.dtype) @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
 
 
+GRAM_CHUNKS = 256  # at most; on accelerators (see local_gram)
+
+
 def local_gram(grads: torch.Tensor) -> torch.Tensor:
+    """grads [M, ...] -> Gram matrix [M, M] of the flattened task gradients. On an accelerator
+    the product [M, N] x [N, M] is a skinny GEMM that runs far below memory speed; split into C
+    chunks it becomes C small products in one batched kernel that read each gradient once."""
     flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()  # under autocast: the M x M statistics in fp32
-    return flat @ flat.T  # [M, M]
+    return chunked_gram(flat, 1 if flat.device.type == "cpu" else math.gcd(flat.shape[1], GRAM_CHUNKS))
+
+
+def chunked_gram(flat: torch.Tensor, chunks: int) -> torch.Tensor:
+    """flat [M, N] -> flat flat^T [M, M] as the sum of `chunks` (a divisor of N) partial Grams."""
+    if chunks == 1:
+        return flat @ flat.T
+    parts = flat.view(flat.shape[0], chunks, -1).transpose(0, 1)  # [C, M, N / C], a view
+    return torch.bmm(parts, parts.transpose(1, 2)).sum(0)  # [C, M, M] -> [M, M]
 
 
 def world_size() -> int:

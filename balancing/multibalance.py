@@ -21,13 +21,16 @@ weights and scales computed from step t-1's global Gram, whose reduction then ne
 backward; under DDP it travels as the gradient of a carrier parameter (`DeferredGram`), in DDP's
 own all-reduce, so it costs no collective of its own. Weights stay identical on every rank;
 they follow the exact sequence one step late (the first step of a run uses the current weights
-on the raw gradients; the Gram in flight is checkpointed, so a resumed run continues exactly). Off: the per-step algorithm, with one
-all-reduce of M^2 numbers inside every backward.
+on the raw gradients; the Gram in flight is checkpointed, so a resumed run continues exactly).
+Off: the per-step algorithm, with one all-reduce of M^2 numbers inside every backward.
 
-Where the Gram lives on the CPU (CPU training), the M-sized step runs in Python floats
-(`multibalance_update_host`): there each torch op costs microseconds of dispatch, about 40 of
-them per step, and reading a value is free. On an accelerator the same step runs as tensor ops
-(`multibalance_update`): reading a value would stall the device queue.
+The M-sized step runs in Python floats (`multibalance_update_host`) wherever the Gram is on the
+host: in CPU training, and with `deferred` on an accelerator, where the previous step's Gram is
+copied to pinned host memory in the forward (`DeferredGram.prefetch`) and read in the backward
+without stalling the device; the new coefficients go back in one asynchronous upload. Each torch
+op there costs microseconds of dispatch or a kernel launch, and the step would take about 40.
+The exact form on an accelerator runs the same step as sync-free tensor ops
+(`multibalance_update`): its Gram is this step's, and reading it would stall the device queue.
 
 `scale_by_tasks` (default on) passes M * sum_m lambda_m v_m on, so that lambda = lambda0 =
 uniform without EMA reproduces the equal-weights gradient exactly and the shared layers'
@@ -139,10 +142,14 @@ class MultiBalance(GradientBalancer):
         prior = torch.tensor(cfg.prior, dtype=torch.float32) if cfg.prior else torch.full((num_tasks,), 1.0 / num_tasks)
         if prior.shape != (num_tasks,) or (prior < 0).any() or abs(float(prior.sum()) - 1) > 1e-5:
             raise ValueError(f"balancer.multibalance.prior must be {num_tasks} non-negative numbers summing to 1")
-        self.register_buffer("prior", prior)
+        self.register_buffer("prior", prior, persistent=False)  # lambda0 [M], from the config
+        self._prior = prior.tolist()  # the same, for the host step
         self.register_buffer("ema_norm", torch.zeros(num_tasks))  # u [M]
         self.weights.copy_(prior)
         self.deferred = DeferredGram(num_tasks) if cfg.deferred else None
+        # (lambda, u) as Python floats after a host step: read back from the buffers, which may
+        # live on an accelerator, only when unset (first step, after a load or a tensor step)
+        self._host: Optional[Tuple[List[float], List[float]]] = None
 
     def deferred_gram(self) -> Optional[DeferredGram]:
         return self.deferred
@@ -160,21 +167,29 @@ class MultiBalance(GradientBalancer):
 
     def _step(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
         """Updates the state from the global Gram factor * gram [M, M]; -> the coefficients
-        scale lambda_m s_m [M]."""
-        if gram.device.type == "cpu":
-            lam, u, s, n = multibalance_update_host(gram.tolist(), self.weights.tolist(), self.ema_norm.tolist(),
-                                                    self.prior.tolist(), self.cfg, factor)
+        scale lambda_m s_m [M], on the buffers' device."""
+        if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
+            lam, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
+            lam, u, s, n = multibalance_update_host(gram.tolist(), lam, u, self._prior, self.cfg, factor)
+            self._host = (lam, u)
             coef = [li * si for li, si in zip(lam, s)]
             state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
-                                 dtype=self.weights.dtype)
+                                 dtype=self.weights.dtype)  # [5, M]
+            if self.weights.device.type != "cpu":  # one asynchronous upload
+                state = state.pin_memory().to(self.weights.device, non_blocking=True)
             lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
         else:
             gram = gram.to(self.weights.dtype) * factor
             lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
             balanced = lam_t * s_t * n_t
             coef_t = lam_t * s_t * scale
+            self._host = None
         self.weights.copy_(lam_t)
         self.ema_norm.copy_(u_t)
         self.grad_norm.copy_(n_t)
         self.grad_norm_balanced.copy_(balanced)
         return coef_t
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None  # the loaded buffers are the state now

@@ -193,3 +193,31 @@ def test_deferred_follows_the_exact_sequence_one_step_late():
         n = exact.grad_norm
         coef_prev = torch.where(n > 0, exact.grad_norm_balanced / n.clamp(min=1e-300), 0.0) * M
     assert (late.weights - 1 / M).abs().max() > 0.05
+
+
+def test_chunked_gram_equals_the_plain_product():
+    """The accelerator form of the Gram (C partial Grams in one batched product) is the same
+    matrix; local_gram picks C = gcd(N, 256) off the CPU."""
+    from balancing.base import chunked_gram
+    flat = torch.randn(3, 512 * 24, dtype=torch.float64)
+    want = flat @ flat.T
+    for chunks in (1, 2, 8, 256, 512 * 24):
+        torch.testing.assert_close(chunked_gram(flat, chunks), want, rtol=1e-12, atol=1e-9)
+
+
+def test_a_loaded_state_replaces_the_host_copy_of_the_weights():
+    """The host step keeps lambda and u as Python floats between steps; a load_state_dict must
+    make the loaded buffers the state again."""
+    cfg = MultiBalanceConfig(beta=2.0, gamma=0.3, deferred=False)
+    a, b = MultiBalance(M, cfg).double(), MultiBalance(M, cfg).double()
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        backward_through(a, torch.tensor(random_grads(rng, step)))
+    saved = {k: v.clone() for k, v in a.state_dict().items()}
+    for step in range(2):  # b moves elsewhere first, so it holds host floats of its own
+        backward_through(b, torch.tensor(random_grads(rng, 10 + step)))
+    b.load_state_dict(saved)
+    for step in range(3, 6):
+        g = torch.tensor(random_grads(rng, step))
+        np.testing.assert_array_equal(backward_through(a, g).numpy(), backward_through(b, g).numpy())
+        np.testing.assert_array_equal(a.weights.numpy(), b.weights.numpy())

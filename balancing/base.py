@@ -56,7 +56,7 @@ def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
     # Wrapped for FX: the train pipeline traces the model, and an autograd.Function with a
     # Python object argument must appear as a single opaque call.
     mailbox = balancer.deferred_gram()
-    if mailbox is not None and torch.is_grad_enabled():
+    if mailbox is not None and h.is_cuda and torch.is_grad_enabled():
         mailbox.prefetch()  # the backward of this forward reads the previous step's Gram
     return _FanOut.apply(h, None if mailbox is None else mailbox.carrier, balancer)
 
@@ -186,7 +186,7 @@ class DeferredGram(nn.Module):
         after the copy ran, without stalling the device queue, and the balancer's M-sized step
         runs there in Python floats instead of as ~40 tiny kernels."""
         mean = self.carrier.grad
-        if not self.carried or mean is None or mean.device.type != "cuda" or self.flight.restored is not None:
+        if not self.carried or mean is None or not mean.is_cuda or self.flight.restored is not None:
             return
         f = self.flight
         f.host = torch.empty(mean.shape, dtype=mean.dtype, pin_memory=True)

@@ -181,10 +181,10 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
 def median_ci95(values: List[float]) -> Optional[List[float]]:
     """Distribution-free 95 % confidence interval of the median of `values` (sorted): the order
     statistics k and n + 1 - k with k from the binomial(n, 1/2) normal approximation; None for
-    fewer than 6 values, where no interval reaches 95 %."""
+    fewer than 8 values, where k < 1: no interval of order statistics reaches 95 %."""
     n = len(values)
     k = math.floor((n - 1.96 * math.sqrt(n)) / 2)  # 1-based rank of the lower bound
-    return [values[k - 1], values[n - k]] if n >= 6 and k >= 1 else None
+    return [values[k - 1], values[n - k]] if k >= 1 else None
 
 
 def format_table(result: Dict) -> str:

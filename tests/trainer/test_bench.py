@@ -37,6 +37,7 @@ def test_bench_all_variants_two_ranks(tiny_config):
 def test_median_ci95_uses_the_binomial_order_statistics():
     from trainer.bench import median_ci95
     assert median_ci95([1.0, 2, 3, 4, 5]) is None  # 5 values: no order statistics reach 95 %
+    assert median_ci95([]) is None and median_ci95([float(i) for i in range(7)]) is None
     # n = 30: k = floor((30 - 1.96 sqrt(30)) / 2) = 9 -> the 9th and 22nd smallest
     values = [float(i) for i in range(1, 31)]
     assert median_ci95(values) == [9.0, 22.0]

@@ -169,8 +169,6 @@ class DeferredGram(nn.Module):
         and the factor that makes it the global Gram (1 / W for DDP's mean, 1 / W^2 for a sum;
         left to the caller: free in Python floats), or None at the first step of a run."""
         f = self.flight
-        if not f.world:
-            f.world = world_size()
         previous = self._settle(f, consume=True)
         if self.carried:
             f.outgoing = local.reshape(-1).to(self.carrier.dtype)
@@ -185,10 +183,10 @@ class DeferredGram(nn.Module):
         the last backward) to pinned host memory. The backward then reads it on the host, long
         after the copy ran, without stalling the device queue, and the balancer's M-sized step
         runs there in Python floats instead of as ~40 tiny kernels."""
-        mean = self.carrier.grad
-        if not self.carried or mean is None or not mean.is_cuda or self.flight.restored is not None:
-            return
         f = self.flight
+        mean = self.carrier.grad if self.carried and f.restored is None else None
+        if mean is None or not mean.is_cuda:
+            return
         f.host = torch.empty(mean.shape, dtype=mean.dtype, pin_memory=True)
         f.host.copy_(mean, non_blocking=True)
         f.copied = torch.cuda.Event()
@@ -201,6 +199,8 @@ class DeferredGram(nn.Module):
 
     def _settle(self, f: _InFlight, consume: bool) -> Optional[Tuple[torch.Tensor, float]]:
         """The previous step's reduced Gram and its factor; `consume`: as the next step's input."""
+        if not f.world:
+            f.world = world_size()  # read once, at the first use (after the process group exists)
         if f.restored is not None:
             previous = (f.restored, 1.0)
             if consume:
@@ -227,10 +227,7 @@ class DeferredGram(nn.Module):
     # Overridden rather than hooked: DMP's load_state_dict calls `_load_from_state_dict` on each
     # module directly, without nn.Module's load hooks.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        f = self.flight
-        if not f.world:
-            f.world = world_size()
-        previous = self._settle(f, consume=False)
+        previous = self._settle(self.flight, consume=False)
         self.valid.fill_(previous is not None)
         if previous is not None:
             self.summed.copy_(previous[0] * previous[1])

@@ -42,6 +42,10 @@ class Net(nn.Module):
         return self.heads(self.balancer(self.first(x))).sum()
 
 
+def grads(net):
+    return [p.grad.numpy().copy() for n, p in net.named_parameters() if "carrier" not in n]
+
+
 def _carried(steps: int):
     """DDP with small buckets (several per step) carrying the Gram, next to DDP without a
     mailbox on the same data. Per step: what exchange() gave, the grads with and without."""
@@ -58,7 +62,6 @@ def _carried(steps: int):
         carried(x).backward()
         plain(x).backward()
         previous = balancer.seen[-1]  # what the exchange in this backward returned: the previous step's
-        grads = lambda net: [p.grad.numpy().copy() for n, p in net.named_parameters() if "carrier" not in n]  # noqa: E731
         out.append((None if previous is None else (previous[0] * previous[1]).numpy().copy(),
                     grads(carried), grads(plain)))
         for p in list(carried.parameters()) + list(plain.parameters()):

@@ -74,9 +74,19 @@ def _check_type(path: str, column: str, tp: pa.DataType, role: str) -> None:
         raise DataError(f"{path}: column {column!r} ({role}) has type {tp}; expected {want}")
 
 
-def validate_files(files: Sequence[str], cfg: DataConfig) -> List[int]:
+@dataclass
+class LabelFooters:
+    """Per task, what the Parquet footer statistics say of its labels (-1: a footer lacks them).
+    labelled: rows minus nulls (NaN labels, also unlabelled, are not counted by footers);
+    positive: 1 if some row group's maximum is > 0, 0 if every maximum is 0."""
+    labelled: List[int]
+    positive: List[int]
+
+
+def validate_files(files: Sequence[str], cfg: DataConfig, labels: Optional[LabelFooters] = None) -> List[int]:
     """Checks every file's schema against the config; returns rows per row group, flattened
-    in (file, row group) order. Reads only the footers."""
+    in (file, row group) order, and fills `labels` from the footers' statistics. Reads only
+    the footers."""
     rows: List[int] = []
     for path in files:
         try:
@@ -92,7 +102,23 @@ def validate_files(files: Sequence[str], cfg: DataConfig) -> List[int]:
                                 f"the file has: {', '.join(schema.names)}")
             _check_type(path, column, schema.field(column).type, role)
         rows.extend(meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups))
+        if labels is not None:
+            _label_footers(meta, cfg, labels)
     return rows
+
+
+def _label_footers(meta: pq.ParquetFile, cfg: DataConfig, out: LabelFooters) -> None:
+    md = meta.metadata
+    for m, task in enumerate(cfg.tasks):
+        j = meta.schema_arrow.get_field_index(task.column)
+        for i in range(md.num_row_groups):
+            rows, st = md.row_group(i).num_rows, md.row_group(i).column(j).statistics
+            nulls = st.null_count if st is not None and st.has_null_count else None
+            out.labelled[m] = -1 if nulls is None or out.labelled[m] < 0 else out.labelled[m] + rows - nulls
+            if st is not None and st.has_min_max:
+                out.positive[m] = 1 if st.max > 0 else out.positive[m]
+            elif nulls != rows and out.positive[m] == 0:  # values but no statistics: unknown
+                out.positive[m] = -1
 
 
 def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List[int]]:
@@ -101,10 +127,16 @@ def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List
     return [list(range(g, num_units, readers)) for g in range(readers)]
 
 
+def rows_per_reader(unit_rows: Sequence[int], world_size: int, num_workers: int) -> List[int]:
+    """Rows of each reader g = rank * num_workers + worker."""
+    units = assign_units(len(unit_rows), world_size, max(num_workers, 1))
+    return [sum(unit_rows[u] for u in mine) for mine in units]
+
+
 def batches_per_rank(unit_rows: Sequence[int], world_size: int, num_workers: int,
                      batch_size: int) -> List[int]:
     nw = max(num_workers, 1)
-    per_reader = [sum(unit_rows[u] for u in units) for units in assign_units(len(unit_rows), world_size, nw)]
+    per_reader = rows_per_reader(unit_rows, world_size, nw)
     return [sum(math.ceil(per_reader[r * nw + w] / batch_size) for w in range(nw)) for r in range(world_size)]
 
 
@@ -197,6 +229,7 @@ class ChunkDecoder:
         if filled:
             dense[nan] = self.cfg.dense_fill
             counters[COUNTERS.index("dense_filled")] = filled
+        self._nonfinite(dense, table, path, rg, counters)
         labels, mask = self._labels(table, path, rg)
         lengths, values, offsets = [], [], []
         for f in self.cfg.sparse:
@@ -207,6 +240,22 @@ class ChunkDecoder:
         if not lengths:  # no sparse feature
             return Chunk(dense, labels, mask, np.zeros((0, table.num_rows), np.int32), [], counters)
         return Chunk(dense, labels, mask, np.stack(lengths), values, counters, np.stack(offsets))
+
+    def _nonfinite(self, dense: np.ndarray, table: pa.Table, path: str, rg: int, counters: np.ndarray) -> None:
+        """+-inf (also a float64 beyond float32's range, which the cast made inf): one such value
+        makes every loss NaN from the first step, so it is an error, or filled and counted."""
+        if np.isfinite(dense.sum()):  # one reduction in the common case (no NaN is left here)
+            return
+        inf = np.isinf(dense)
+        if self.cfg.nonfinite == "error":
+            row, j = (int(i) for i in np.argwhere(inf)[0])
+            name = self.cfg.dense[j]
+            raise DataError(f"{path}: dense column {name!r} has value {table.column(name)[row].as_py()!r} "
+                            f"(row {row} of row group {rg}), not finite in float32 "
+                            f"({int(inf.sum())} such values in this row group); "
+                            f"data.nonfinite = 'fill' replaces them by dense_fill and counts them")
+        dense[inf] = self.cfg.dense_fill
+        counters[COUNTERS.index("dense_nonfinite")] += int(inf.sum())
 
     def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
         """-> labels [R, M] (0 where unknown), mask [R, M]; a null or NaN label is unknown."""
@@ -268,11 +317,12 @@ def _as_float_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
     """Numeric columns -> float32 [R, len(columns)], NaN where a value is null (Arrow's own
     conversion for floats and integers; booleans with nulls are cast first)."""
     out = np.empty((table.num_rows, len(columns)), np.float32)
-    for j, name in enumerate(columns):
-        col = table.column(name)
-        if col.null_count and pa.types.is_boolean(col.type):
-            col = col.cast(pa.float32())
-        out[:, j] = col.to_numpy()
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: checked by the caller
+        for j, name in enumerate(columns):
+            col = table.column(name)
+            if col.null_count and pa.types.is_boolean(col.type):
+                col = col.cast(pa.float32())
+            out[:, j] = col.to_numpy()
     return out
 
 
@@ -320,18 +370,36 @@ class ParquetBatches(IterableDataset):
         if len(units) != len(self.unit_rows):
             raise DataError("input files changed since they were validated")
         mine = assign_units(len(units), self.world_size, nw)[self.rank * nw + worker]
-        for batch in batch_windows(self._decoded([units[u] for u in mine]), self.cfg.batch_size):
-            # views are fine in-process; a worker pickles its batches, so they get own arrays
-            yield batch.compact() if info is not None else batch
+        batches = batch_windows(self._decoded([units[u] for u in mine]), self.cfg.batch_size)
+        if info is None:
+            yield from batches  # views are fine in-process
+            return
+        try:
+            for batch in batches:  # a worker pickles its batches, so they get arrays of their own
+                yield batch.compact()
+        except DataError as e:
+            # handed over as an item, not raised: the DataLoader would re-raise it under a
+            # "Caught DataError in DataLoader worker process N" traceback, the message last
+            yield WorkerFailure(str(e))
 
     def _decoded(self, units: List[Tuple[str, int]]) -> Iterator[Chunk]:
         decoder = ChunkDecoder(self.cfg)
         handles: Dict[str, pq.ParquetFile] = {}
         for path, rg in units:
-            if path not in handles:
-                handles.clear()  # keep one file open at a time
-                handles[path] = pq.ParquetFile(path)
-            yield decoder.decode(handles[path].read_row_group(rg, columns=self.columns), path, rg)
+            try:
+                if path not in handles:
+                    handles.clear()  # keep one file open at a time
+                    handles[path] = pq.ParquetFile(path)
+                table = handles[path].read_row_group(rg, columns=self.columns)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
+            yield decoder.decode(table, path, rg)
+
+
+@dataclass
+class WorkerFailure:
+    """A DataError raised in a DataLoader worker, passed to the consuming process as an item."""
+    message: str
 
 
 def _as_is(chunk: Chunk) -> Chunk:
@@ -346,10 +414,14 @@ class DataSource:
                  pin_memory: bool = False):
         self.cfg, self.rank, self.world_size, self.pin_memory = cfg, rank, world_size, pin_memory
         self.files = resolve_files(patterns)
-        self.unit_rows = validate_files(self.files, cfg)
+        self.label_footers = LabelFooters([0] * len(cfg.tasks), [0] * len(cfg.tasks))
+        self.unit_rows = validate_files(self.files, cfg, self.label_footers)
         self.rank_batches = batches_per_rank(self.unit_rows, world_size, cfg.num_workers, cfg.batch_size)
         self.steps_per_epoch = max(self.rank_batches)
         self.rows = sum(self.unit_rows)
+        nw = max(cfg.num_workers, 1)
+        per_reader = rows_per_reader(self.unit_rows, world_size, nw)
+        self.rank_rows = [sum(per_reader[r * nw:(r + 1) * nw]) for r in range(world_size)]
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64)  # summed as batches are read
 
     def dataset(self) -> ParquetBatches:
@@ -362,6 +434,8 @@ class DataSource:
             self.dataset(), batch_size=None, num_workers=num_workers,
             collate_fn=_as_is)  # no conversion in the worker
         for chunk in chunks:
+            if isinstance(chunk, WorkerFailure):
+                raise DataError(chunk.message)
             batch = chunk_to_batch(chunk, keys)
             yield batch.pin_memory() if self.pin_memory else batch
 

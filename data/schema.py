@@ -44,10 +44,15 @@ class DataConfig:
     num_workers: int = 1  # DataLoader worker processes per rank (0: read in the main process)
     id_policy: str = "hash"  # "hash": remap out-of-range ids (counted); "error": fail
     dense_fill: float = 0.0  # value that replaces a null dense feature (counted)
+    # +-inf in a dense column (or a float64 beyond float32's range): "error" names the file,
+    # row group, column and row; "fill" replaces it by dense_fill and counts it (dense_nonfinite)
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         if self.id_policy not in ("hash", "error"):
             raise ValueError(f"data.id_policy must be 'hash' or 'error', got {self.id_policy!r}")
+        if self.nonfinite not in ("error", "fill"):
+            raise ValueError(f"data.nonfinite must be 'error' or 'fill', got {self.nonfinite!r}")
         if self.batch_size <= 0:
             raise ValueError("data.batch_size must be > 0")
         names = [f.name for f in self.sparse] + list(self.dense) + [t.name for t in self.tasks]

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 from data.reader import DataError
 from launch.config import ConfigError, load_config
+from trainer.errors import RunError
 
 log = logging.getLogger("mbrec")
 DEMO_CONFIG = "launch/configs/demo.toml"
@@ -207,8 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        log.error("%s", e)  # bad config or input: the message names the key, file or column
+    except (ConfigError, DataError, RunError, FileNotFoundError) as e:
+        log.error("%s", e)  # bad config, input or state: the message names the key, file or column
         return 2
 
 

@@ -68,7 +68,12 @@ def from_dict(cls: type, values: Dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"unknown config key(s) {', '.join(where + '.' + k if where else k for k in unknown)}"
                           f"; {cls.__name__} accepts: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a component's own check (__post_init__): the message names the key
+        raise ConfigError(str(e)) from e
 
 
 def _parse_value(text: str) -> Any:
@@ -101,7 +106,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return from_dict(RunConfig, apply_overrides(raw, overrides))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Dict, List, Optional
 
 import torch
@@ -49,8 +50,10 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
-    """Reads torchrun/torchx variables (a single process without them); nccl on GPUs, gloo on CPU."""
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Reads torchrun/torchx variables (a single process without them); nccl on GPUs, gloo on CPU.
+    `timeout_s`: a collective that waits longer (a rank that died or froze) raises instead of
+    hanging for the backend's default of 30 minutes."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,7 +70,8 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
     return DistEnv(rank, world, local_rank, local_world, device)
 
 

@@ -1,19 +1,41 @@
 """Checkpoints with torch.distributed.checkpoint: the DMP state dict (sharded tables, dense
 weights, balancer buffers), both optimizers (fused embedding state and the dense one) and the
-step, from which the data position follows (every epoch has the same number of steps)."""
+step, from which the data position follows (every epoch has the same number of steps).
+
+Layout: `ROOT/step-000000123/` (DCP writes `.metadata` last, on the coordinator, once every
+rank's part is written: a directory without it is incomplete) and `ROOT/latest`, the name of
+the newest complete checkpoint, replaced atomically after each save. Resume takes `latest`
+if it names a complete checkpoint, else (with a warning) the newest complete one; incomplete
+directories are removed at start; the newest `keep` complete ones are kept.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
+from trainer.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 LATEST = "latest"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _state(dmp, optimizer, step: int) -> dict:
@@ -21,21 +43,102 @@ def _state(dmp, optimizer, step: int) -> dict:
             "progress": {"step": torch.tensor(step, dtype=torch.int64)}}
 
 
-def save(root: str | Path, dmp, optimizer, step: int) -> Path:
-    root = Path(root)
-    path = root / f"step-{step:09d}"
-    dcp.save(_state(dmp, optimizer, step), checkpoint_id=str(path))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (root / LATEST).write_text(path.name)  # written after every rank finished its part
-    if dist.is_initialized():
-        dist.barrier()
-    log.info("saved checkpoint %s", path)
-    return path
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file()
 
 
-def latest(root: str | Path) -> Optional[Path]:
-    marker = Path(root) / LATEST
-    return Path(root) / marker.read_text().strip() if marker.is_file() else None
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+class CheckpointDir:
+    def __init__(self, root: str | Path, keep: int = 0):
+        self.root, self.keep = Path(root), keep
+
+    def _steps(self) -> List[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=step_of)
+
+    def complete(self) -> List[Path]:
+        """Complete checkpoints, oldest first."""
+        return [p for p in self._steps() if is_complete(p)]
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint to resume from: `latest` if it names a complete one, else the newest
+        complete one (a crash between DCP's save and the pointer's update, or a lost pointer)."""
+        marker = self.root / LATEST
+        named = marker.read_text().strip() if marker.is_file() else ""
+        if named and STEP_DIR.match(named) and is_complete(self.root / named):
+            return self.root / named
+        found = self.complete()
+        if marker.exists() or found:
+            log.warning("checkpoint pointer %s %s; resuming from the newest complete checkpoint: %s", marker,
+                        f"names {named!r}, not a complete checkpoint" if named else "is missing or empty",
+                        found[-1].name if found else "none")
+        return found[-1] if found else None
+
+    def prepare(self) -> None:
+        """Before training, on rank 0: the directory exists and is writable (a probe file is
+        written and removed), and incomplete checkpoints of an earlier attempt are removed."""
+        if _is_main():
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                probe = self.root / f".probe-{os.getpid()}"
+                probe.write_bytes(b"0" * 4096)
+                probe.unlink()
+            except OSError as e:
+                raise CheckpointError(f"checkpoint directory {self.root} is not writable: {e}") from e
+            for p in self._steps():
+                if not is_complete(p):
+                    log.warning("removing incomplete checkpoint %s", p)
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def save(self, dmp, optimizer, step: int) -> Path:
+        path = self.root / f"step-{step:09d}"
+        try:
+            dcp.save(_state(dmp, optimizer, step), checkpoint_id=str(path))
+        except Exception as e:  # DCP gathers every rank's failure into one exception
+            raise CheckpointError(f"saving checkpoint {path} failed ({self._free()}): {e}") from e
+        if _is_main():  # after every rank finished its part; an atomic replace
+            tmp = self.root / f".{LATEST}.tmp"
+            tmp.write_text(path.name)
+            os.replace(tmp, self.root / LATEST)
+            self._retain()
+        _barrier()
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _retain(self) -> None:
+        done = self.complete()
+        for old in done[:-self.keep] if self.keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _free(self) -> str:
+        try:
+            return f"{shutil.disk_usage(self.root).free / 2**30:.2f} GiB free at {self.root}"
+        except OSError:
+            return f"free space at {self.root} unknown"
+
+
+def state_bytes(dmp, optimizer) -> int:
+    """This rank's share of a checkpoint, in bytes (local shards of sharded tensors)."""
+    total = 0
+    for sd in (dmp.state_dict(), optimizer.state_dict()):
+        stack = [sd]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, (list, tuple)):
+                stack.extend(node)
+            elif hasattr(node, "local_shards"):  # ShardedTensor
+                total += sum(s.tensor.numel() * s.tensor.element_size() for s in node.local_shards())
+            elif hasattr(node, "to_local"):  # DTensor
+                total += node.to_local().numel() * node.to_local().element_size()
+            elif isinstance(node, torch.Tensor):
+                total += node.numel() * node.element_size()
+    return total
 
 
 def load(path: str | Path, dmp, optimizer) -> int:
@@ -46,7 +149,10 @@ def load(path: str | Path, dmp, optimizer) -> int:
         if isinstance(opt, KeyedOptimizerWrapper):
             opt.init_state()
     state = _state(dmp, optimizer, 0)
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:
+        raise CheckpointError(f"loading checkpoint {path} failed: {e}") from e
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     log.info("resumed from %s", path)

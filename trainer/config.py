@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+DENSE_OPTIMIZER_NAMES = ("adam", "adagrad", "sgd")
+SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+
 
 @dataclass
 class OptimConfig:
@@ -12,6 +15,15 @@ class OptimConfig:
     sparse: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | adam | sgd (fused, in backward)
     sparse_lr: float = 0.02
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.dense not in DENSE_OPTIMIZER_NAMES:
+            raise ValueError(f"optim.dense {self.dense!r} unknown; choose from {list(DENSE_OPTIMIZER_NAMES)}")
+        if self.sparse not in SPARSE_OPTIMIZER_NAMES:
+            raise ValueError(f"optim.sparse {self.sparse!r} unknown; choose from {list(SPARSE_OPTIMIZER_NAMES)}")
+        for key in ("dense_lr", "sparse_lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"optim.{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -30,3 +42,21 @@ class TrainerConfig:
     precision: str = "fp32"  # dense part: fp32 | tf32 | bf16
     progress_bar: bool = True
     save_predictions: bool = False  # write the final eval predictions per rank (.npy)
+    keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0: all)
+    # resuming with a config that changes what was trained is refused unless this is true
+    # (the keys that fix the data position can never change: see trainer.identity)
+    allow_config_change: bool = False
+    pg_timeout_s: float = 600.0  # a collective that waits longer (a dead or frozen rank) fails
+    check_every: int = 0  # steps between non-finite checks (0: at log steps and checkpoints)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.max_steps < 0:
+            raise ValueError(f"trainer.epochs ({self.epochs}) and trainer.max_steps ({self.max_steps}) "
+                             "must be >= 0")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("trainer.epochs = 0 and trainer.max_steps = 0: nothing to train")
+        for key in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "check_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.pg_timeout_s > 0:
+            raise ValueError(f"trainer.pg_timeout_s must be > 0, got {self.pg_timeout_s}")

@@ -7,18 +7,24 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from data.batch import COUNTERS, Batch
 from data.reader import DataSource
-from trainer import checkpoint
+
+from trainer import checkpoint, identity
 from trainer.build import build_train_module, build_training, init_distributed
+from trainer.checkpoint import CheckpointDir
+from trainer.errors import RunError
+from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
+from trainer.preflight import agreed, check_data, check_disk, check_writable
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
@@ -39,7 +45,8 @@ def _per_task(prefix: str, values: torch.Tensor, tasks: List[str]) -> Dict[str, 
 
 
 def evaluate(pipeline, dmp, src: DataSource, env, tasks: List[str], save_to: Path | None = None) -> Dict:
-    evaluator = Evaluator(tasks, env.world_size, env.rank, src.cfg.batch_size, src.rows, env.device)
+    evaluator = Evaluator(tasks, env.world_size, env.rank, src.cfg.batch_size, max(src.rank_rows),
+                          src.steps_per_epoch, env.device)
     kept = []
     dmp.eval()
     with torch.no_grad():
@@ -66,45 +73,49 @@ def _all_reduce_counters(src: DataSource, device: torch.device) -> Dict[str, int
 
 
 def train(cfg) -> Dict:
-    env = init_distributed()
+    env = init_distributed(cfg.trainer.pg_timeout_s)
     torch.manual_seed(cfg.trainer.seed)
-    out = Path(cfg.trainer.out_dir)
-    tasks = cfg.data.task_names
-    pin = env.device.type == "cuda"
-    train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin)
-    eval_src = DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin)
-    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
-                                cfg.trainer.precision)
+    out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
+    ckpts = CheckpointDir(out / "checkpoints", tcfg.keep_checkpoints)
+    train_src, eval_src = agreed(lambda: _sources(cfg, env))
+    total = tcfg.max_steps or tcfg.epochs * train_src.steps_per_epoch
+    agreed(lambda: (check_writable(out), check_data(train_src, eval_src, tasks), ckpts.prepare()))
+    module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
+                                tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     balancer = dmp.module.balancer
+    ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
+    ckpt = agreed(lambda: _resume_point(cfg, env, out, ckpts, ident, total))
+    step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
+    saved = step if ckpt is not None else -1
+    agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
+                              tcfg.keep_checkpoints))
     runlog = RunLog(out, env.is_main)
-
-    step = 0
-    ckpt = checkpoint.latest(out / "checkpoints") if cfg.trainer.resume else None
-    if ckpt is not None:
-        step = checkpoint.load(ckpt, dmp, optimizer)
-    total = cfg.trainer.max_steps or cfg.trainer.epochs * train_src.steps_per_epoch
+    guard = NonFiniteGuard(env.device, train_src.steps_per_epoch, tasks)
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     stream = batch_stream(train_src, step)
-    bar = tqdm(total=total, initial=step, disable=not (env.is_main and cfg.trainer.progress_bar),
+    bar = tqdm(total=total, initial=step, disable=not (env.is_main and tcfg.progress_bar),
                desc=f"train {cfg.balancer.method}", mininterval=2.0)
-    boundaries = [b for b in (cfg.trainer.eval_every, cfg.trainer.checkpoint_every) if b > 0]
+    boundaries = [b for b in (tcfg.eval_every, tcfg.checkpoint_every) if b > 0]
+    checks = Checks(tcfg.log_every, tcfg.check_every or tcfg.log_every, guard, balancer, tasks, runlog)
     t_train = 0.0
-    with precision_context(cfg.trainer.precision, env.device):
+    with precision_context(tcfg.precision, env.device):
         while step < total:
             seg_end = min([total] + [(step // b + 1) * b for b in boundaries])
             t0 = time.perf_counter()
-            step = _train_segment(pipeline, itertools.islice(stream, seg_end - step), step,
-                                  cfg.trainer.log_every, balancer, tasks, runlog, bar)
+            step = _train_segment(pipeline, itertools.islice(stream, seg_end - step), step, checks, bar)
             t_train += time.perf_counter() - t0
-            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < total:
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total:
                 runlog.write("eval", step, _flat(evaluate(pipeline, dmp, eval_src, env, tasks)))
-            if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0 and step < total:
-                checkpoint.save(out / "checkpoints", dmp, optimizer, step)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total:
+                guard.check(step, balancer.stats(), dense)
+                ckpts.save(dmp, optimizer, step)
         bar.close()
-        save_preds = out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
+        guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
+        if tcfg.checkpoint_at_end and saved != step:  # written before the final eval, which may fail
+            ckpts.save(dmp, optimizer, step)
+        save_preds = out / f"eval_predictions.rank{env.rank}.npy" if tcfg.save_predictions else None
         final = evaluate(pipeline, dmp, eval_src, env, tasks, save_preds)
-    if cfg.trainer.checkpoint_at_end:
-        checkpoint.save(out / "checkpoints", dmp, optimizer, step)
     summary = _summary(cfg, env, step, final, train_src, eval_src, t_train, balancer)
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
@@ -113,6 +124,32 @@ def train(cfg) -> Dict:
         log.info("final eval: %s", json.dumps(final))
     runlog.close()
     return summary
+
+
+def _sources(cfg, env) -> Tuple[DataSource, DataSource]:
+    pin = env.device.type == "cuda"
+    return (DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin),
+            DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin))
+
+
+def _resume_point(cfg, env, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:
+    """The checkpoint to resume from (None: a fresh run), after checking that it belongs to
+    this run; saves the run's identity beside the checkpoints."""
+    latest = ckpts.latest()
+    if latest is not None:
+        if not cfg.trainer.resume:
+            raise RunError(f"{out} holds checkpoints of an earlier run (newest: {latest.name}) and "
+                           f"trainer.resume = false: use a new trainer.out_dir, or remove {ckpts.root}")
+        identity.check_resume(out, ident, cfg.trainer.allow_config_change)
+        done = checkpoint.step_of(latest)
+        if done >= total and (out / "summary.json").is_file():
+            raise RunError(f"{out} holds a finished run (step {done} of {total}, summary.json): use a new "
+                           f"trainer.out_dir, or raise trainer.epochs / trainer.max_steps to train on")
+        if done > total:
+            raise RunError(f"{out}: the checkpoint is at step {done}, past this config's {total} steps")
+    if env.is_main:
+        identity.save(out, ident)
+    return latest
 
 
 def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: DataSource,
@@ -131,7 +168,27 @@ def _flat(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return {f"{k}/{t}": v for t, d in metrics.items() for k, v in d.items()}
 
 
-def _train_segment(pipeline, it, step: int, log_every: int, balancer, tasks, runlog: RunLog, bar) -> int:
+class Checks:
+    """What runs every few steps: the log record (log_every) and the non-finite check
+    (check_every); the only host syncs of the training loop."""
+
+    def __init__(self, log_every: int, check_every: int, guard: NonFiniteGuard, balancer, tasks, runlog: RunLog):
+        self.log_every, self.check_every, self.guard = log_every, check_every, guard
+        self.balancer, self.tasks, self.runlog = balancer, tasks, runlog
+
+    def after(self, step: int, losses: torch.Tensor, bar) -> None:
+        self.guard.observe(losses)  # a device op, no sync
+        if self.check_every and step % self.check_every == 0:
+            self.guard.check(step, self.balancer.stats())
+        if self.log_every and step % self.log_every == 0:
+            record = _per_task("loss", losses, self.tasks)
+            for name, values in self.balancer.stats().items():
+                record.update(_per_task(name, values, self.tasks))
+            self.runlog.write("train", step, record)
+            bar.set_postfix(loss=f"{float(losses.sum()):.4f}", refresh=False)
+
+
+def _train_segment(pipeline, it, step: int, checks: Checks, bar) -> int:
     while True:
         try:
             losses, _, _, _ = pipeline.progress(it)
@@ -139,9 +196,4 @@ def _train_segment(pipeline, it, step: int, log_every: int, balancer, tasks, run
             return step
         step += 1
         bar.update(1)
-        if log_every and step % log_every == 0:  # the only host syncs of the loop
-            record = _per_task("loss", losses, tasks)
-            for name, values in balancer.stats().items():
-                record.update(_per_task(name, values, tasks))
-            runlog.write("train", step, record)
-            bar.set_postfix(loss=f"{float(losses.sum()):.4f}", refresh=False)
+        checks.after(step, losses, bar)

@@ -1,0 +1,87 @@
+"""Checks before the first step: everything that would otherwise be found hours later (at
+the first save, at the final eval) or never (a run that trains nothing and exits 0).
+
+Every rank runs the checks and the ranks agree on the outcome (`agreed`): one rank's failure
+(a file it cannot read, a directory it cannot write) fails every rank with the same message,
+instead of leaving the others waiting in a collective."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import torch.distributed as dist
+
+from data.reader import DataError, DataSource
+from trainer.errors import RunError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def agreed(fn: Callable[[], T]) -> T:
+    """fn() on every rank; if it raises a RunError or DataError on any rank, every rank raises
+    it (the first failing rank's message)."""
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = fn()
+    except (RunError, DataError) as e:
+        error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        msgs: List[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}\0{error}")
+        first = next(((r, m) for r, m in enumerate(msgs) if m is not None), None)
+        if first is not None:
+            kind, text = first[1].split("\0", 1)
+            if error is None:
+                error = (DataError if kind == "DataError" else RunError)(f"{text} (rank {first[0]})")
+    if error is not None:
+        raise error
+    return result
+
+
+def check_data(train: DataSource, eval_: DataSource, tasks: List[str]) -> None:
+    """Empty inputs, tasks without labels: from the Parquet footers, no data read."""
+    for name, src in (("data.train", train), ("data.eval", eval_)):
+        if src.rows == 0:
+            raise RunError(f"{name} has no rows ({len(src.files)} file(s), {len(src.unit_rows)} row groups: "
+                           f"{', '.join(src.files[:3])}{' ...' if len(src.files) > 3 else ''})")
+    for m, task in enumerate(tasks):
+        if train.label_footers.labelled[m] == 0:
+            raise RunError(f"task {task!r}: every label in data.train is null (column "
+                           f"{train.cfg.tasks[m].column!r}): nothing to train it on")
+        if train.label_footers.positive[m] == 0:
+            log.warning("task %r: no positive label in data.train (every row group's maximum is 0)", task)
+        if eval_.label_footers.labelled[m] == 0 or eval_.label_footers.positive[m] == 0:
+            log.warning("task %r: data.eval has %s: its NE and AUC will be null", task,
+                        "no labelled row" if eval_.label_footers.labelled[m] == 0 else "no positive label")
+
+
+def check_writable(out_dir: Path) -> None:
+    """out_dir exists and accepts a file (every rank: they may be on different machines)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".probe-{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"trainer.out_dir {out_dir} is not writable: {e}") from e
+
+
+def check_disk(root: Path, rank_bytes: int, ranks_here: int, keep: int) -> None:
+    """Free space for one more checkpoint of the ranks on this machine; a warning if the kept
+    ones (keep + 1 while the next is written) will not fit."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return  # not a local file system: nothing to measure
+    need = rank_bytes * ranks_here
+    if free < 1.05 * need:
+        raise RunError(f"checkpoint directory {root}: {free / 2**30:.2f} GiB free, one checkpoint of the "
+                       f"{ranks_here} rank(s) on this machine needs about {need / 2**30:.2f} GiB")
+    if keep and free < (keep + 1) * need:
+        log.warning("checkpoint directory %s: %.2f GiB free, %d kept checkpoints need about %.2f GiB",
+                    root, free / 2**30, keep + 1, (keep + 1) * need / 2**30)

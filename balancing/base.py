@@ -136,7 +136,7 @@ class _InFlight:
         self.pending: Optional[torch.Tensor] = None  # without a carrier: the local Gram being reduced
         self.work = None  # its async all-reduce
         self.ready: Optional[torch.Tensor] = None  # without a carrier: the previous step's sum
-        self.restored: Optional[torch.Tensor] = None  # the global Gram, from a checkpoint
+        self.restored: Optional[Tuple[torch.Tensor, float]] = None  # (reduced Gram, factor), from a checkpoint
         self.host: Optional[torch.Tensor] = None  # carrier.grad being copied to pinned host memory
         self.copied = None  # the event that copy completes
         self.world = 0  # W, read at the first exchange (0: not yet)
@@ -159,7 +159,10 @@ class DeferredGram(nn.Module):
         super().__init__()
         self.carrier = nn.Parameter(torch.zeros(num_tasks * num_tasks))  # [M^2]; its .grad carries
         setattr(self.carrier, CARRIER_FLAG, True)
-        self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M] global Gram, saved copy
+        self.register_buffer("summed", torch.zeros(num_tasks, num_tasks))  # [M, M] reduced Gram, saved copy
+        # its factor (1/W or 1/W^2), float64: kept apart so a resumed run multiplies exactly as
+        # the straight run does (a product stored in float32 would round differently)
+        self.register_buffer("factor", torch.zeros((), dtype=torch.float64))
         self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's Gram
         self.carried = False  # set by the trainer when DDP reduces `carrier`
         self.flight = _InFlight()
@@ -202,7 +205,7 @@ class DeferredGram(nn.Module):
         if not f.world:
             f.world = world_size()  # read once, at the first use (after the process group exists)
         if f.restored is not None:
-            previous = (f.restored, 1.0)
+            previous = f.restored
             if consume:
                 f.restored, self.carrier.grad = None, None
             return previous
@@ -230,13 +233,14 @@ class DeferredGram(nn.Module):
         previous = self._settle(self.flight, consume=False)
         self.valid.fill_(previous is not None)
         if previous is not None:
-            self.summed.copy_(previous[0] * previous[1])
+            self.summed.copy_(previous[0].view(self.summed.shape))
+            self.factor.fill_(previous[1])
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.flight = _InFlight()
-        self.flight.restored = self.summed.clone() if bool(self.valid) else None
+        self.flight.restored = (self.summed.clone(), float(self.factor)) if bool(self.valid) else None
         self.carrier.grad = None
 
 

@@ -171,10 +171,12 @@ class MultiBalance(GradientBalancer):
         if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
             lam, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
             lam, u, s, n = multibalance_update_host(gram.tolist(), lam, u, self._prior, self.cfg, factor)
-            self._host = (lam, u)
             coef = [li * si for li, si in zip(lam, s)]
             state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
                                  dtype=self.weights.dtype)  # [5, M]
+            # kept as the buffers hold them (float32), so that a run resumed from a checkpoint
+            # continues with exactly the state the straight run has
+            self._host = (state[0].tolist(), state[1].tolist())
             if self.weights.device.type != "cpu":  # one asynchronous upload
                 state = state.pin_memory().to(self.weights.device, non_blocking=True)
             lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)

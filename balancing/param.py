@@ -102,13 +102,22 @@ class ParamMoCo(ParamBalancer):
     def __init__(self, num_tasks: int, cfg: ParamMoCoConfig):
         super().__init__(num_tasks, cfg)
         self.weights.fill_(1.0 / num_tasks)
-        self.tracked = None  # Y [M, P], created at the first step (P known then)
+        # Y [M, P]: a buffer (checkpointed), sized when the module is known; `started` = 0 until
+        # the first step sets it
+        self.register_buffer("tracked", torch.zeros(num_tasks, 0))
+        self.register_buffer("started", torch.zeros(()))
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        p = sum(q.numel() for q in self.shared_params)
+        self.tracked = torch.zeros(self.num_tasks, p, device=self.weights.device)
 
     def weights_from(self, jac: torch.Tensor) -> torch.Tensor:
         n = jac.norm(dim=1, keepdim=True)
         unit = jac / n.clamp(min=EPS)
-        if self.tracked is None or self.tracked.shape != unit.shape:
-            self.tracked = unit.detach().clone()
+        if not bool(self.started):
+            self.tracked.copy_(unit.detach())
+            self.started.fill_(1)
         else:
             self.tracked -= self.cfg.beta * (self.tracked - unit.detach())
         return moco_lambda(self.tracked @ self.tracked.T, self.weights, n.squeeze(1) > 0, self.cfg)

@@ -30,7 +30,7 @@ DEMO_CONFIG = "launch/configs/demo.toml"
 def _setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
 
 
 def cmd_synth(args) -> int:

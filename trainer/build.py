@@ -70,9 +70,20 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
     return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The env:// rendezvous store, under a prefix of its own per restart attempt. torchrun keeps
+    its store across the restarts of a worker group (`--max-restarts`), and the process group
+    of a restarted attempt would otherwise read the previous attempt's keys: gloo then dials the
+    dead processes' addresses (`connectFullMesh ... Connection refused`)."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mbrec/attempt-{attempt}/", store)
 
 
 def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device,

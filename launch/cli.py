@@ -41,8 +41,28 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from trainer.loop import train
-    train(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        if not _collective_failure(e):
+            raise
+        log.error("a collective failed on rank %s (another rank died, was killed or froze; a frozen rank "
+                  "is detected after trainer.pg_timeout_s = %gs): %s", os.environ.get("RANK", "0"),
+                  cfg.trainer.pg_timeout_s, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 3
     return 0
+
+
+COLLECTIVE_FAILURES = ("timeout", "timed out", "pair closure", "connection reset", "connection closed",
+                       "connection refused", "nccl", "gloo")
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    """gloo / NCCL errors of a collective whose peer died, froze or timed out (a DistError, or,
+    from torchrec's own collectives, a RuntimeError saying so)."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or any(k in str(e).lower() for k in COLLECTIVE_FAILURES)
 
 
 def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_args: Optional[str] = None,
@@ -59,8 +79,8 @@ def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_
 
 
 def cmd_launch(args) -> int:
-    return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args,
-                  ["--gpu", str(args.gpu)] if args.gpu else [])
+    extra = (["--gpu", str(args.gpu)] if args.gpu else []) + ["--max_restarts", str(args.max_restarts)]
+    return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args, extra)
 
 
 def cmd_demo(args) -> int:
@@ -168,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_launcher(sp)
     sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
     sp.add_argument("--scheduler-args", default=None, help="torchx -cfg string, e.g. partition=gpu")
+    sp.add_argument("--max-restarts", type=int, default=2,
+                    help="torchrun restarts of all ranks after one fails; each resumes from the last checkpoint")
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default="1x2")
     sp = add("compare", cmd_compare, config_required=False)

@@ -27,6 +27,7 @@ def train(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 2,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """Trains the multi-task model described by `config`.
@@ -42,13 +43,27 @@ def train(
         gpu: GPUs per replica
         memMB: memory per replica
         env: extra environment variables
-        max_retries: retries of the whole job
+        max_retries: retries of the whole job by the scheduler (Slurm, Kubernetes; local_cwd has none)
+        max_restarts: restarts of the worker group by torchrun after a rank fails (any scheduler,
+            local_cwd included); each restart resumes from the newest complete checkpoint
         rdzv_port: rendezvous port on the first node
     """
     args = ["train", config] + [a for o in overrides for a in ("--set", o)]
-    return dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
-                    memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
-                    max_retries=max_retries, rdzv_port=rdzv_port)
+    app = dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
+                   memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
+                   max_retries=max_retries, rdzv_port=rdzv_port)
+    return with_restarts(app, max_restarts)
+
+
+def with_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
+    """Adds torchrun's `--max_restarts` to the launch command that dist.ddp builds (it has no
+    parameter for it): the agent restarts every rank of the node when one fails."""
+    for role in app.roles:
+        role.args = [a.replace("torchrun ", f"torchrun --max_restarts {max_restarts} ", 1)
+                     if isinstance(a, str) and a.startswith("torchrun ") else a for a in role.args]
+        if not any("--max_restarts" in str(a) for a in role.args):
+            raise ValueError(f"cannot set torchrun's --max_restarts in {role.args}")
+    return app
 
 
 def compare(

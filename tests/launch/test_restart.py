@@ -1,0 +1,92 @@
+"""Faults through the real launcher (torchx local_cwd -> torchrun, 2 gloo ranks): a killed rank
+restarts the job, which resumes and ends in the state of an uninterrupted run; a frozen rank
+ends the job with an error after trainer.pg_timeout_s instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data.synth import data_section
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _cmd(tiny_synth, out: Path, *extra: str):
+    d = data_section(tiny_synth)
+    sets = [f"data.train={json.dumps(d['train'])}", f"data.eval={json.dumps(d['eval'])}",
+            "data.batch_size=256", "trainer.epochs=3", "trainer.checkpoint_every=10", f"trainer.out_dir={out}",
+            "trainer.progress_bar=false", "model.embedding_dim=8", "model.shared_arch=[32, 16]"]
+    cmd = [sys.executable, "-m", "launch.cli", "launch", "launch/configs/demo.toml", "-s", "local_cwd", "-j", "1x2",
+           *extra]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
+def _env():
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def _rank_pid(rank: int, out: Path) -> int:
+    """The training process of `rank` (a child of torchrun; DataLoader workers are its children)."""
+    for p in Path("/proc").iterdir():
+        try:
+            cmdline = (p / "cmdline").read_bytes().split(b"\0")
+            environ = (p / "environ").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{(p / 'stat').read_text().rsplit(')', 1)[1].split()[1]}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if (b"train" in cmdline and str(out).encode() in b" ".join(cmdline) and f"RANK={rank}".encode() in environ
+                and b"torchrun" in parent):
+            return int(p.name)
+    raise AssertionError(f"no process of rank {rank} found")
+
+
+def _when_checkpointed(out: Path, proc: subprocess.Popen, step: int = 10) -> None:
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / f"step-{step:09d}" / ".metadata").exists():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+        time.sleep(0.2)
+
+
+def test_killed_rank_restarts_resumes_and_matches_the_straight_run(tiny_synth, tmp_path):
+    straight = subprocess.run(_cmd(tiny_synth, tmp_path / "a", "--max-restarts", "0"), cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_cmd(tiny_synth, out, "--max-restarts", "1"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _when_checkpointed(out, proc)
+    os.kill(_rank_pid(1, out), signal.SIGKILL)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-4000:]
+    assert "resumed from" in log
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b["steps"] == a["steps"] == 72
+    assert b["final_weights"] == a["final_weights"] and b["eval"] == a["eval"]
+
+
+def test_frozen_rank_ends_the_job_with_an_error(tiny_synth, tmp_path):
+    out = tmp_path / "c"
+    proc = subprocess.Popen(_cmd(tiny_synth, out, "--max-restarts", "0") + ["--set", "trainer.pg_timeout_s=5"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _when_checkpointed(out, proc)
+    pid = _rank_pid(1, out)
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        log, _ = proc.communicate(timeout=200)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    assert time.time() - t0 < 150
+    assert "a collective failed" in log and "trainer.pg_timeout_s" in log, log[-3000:]
+    assert not (out / "summary.json").exists()

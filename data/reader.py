@@ -244,7 +244,7 @@ class ChunkDecoder:
     def _nonfinite(self, dense: np.ndarray, table: pa.Table, path: str, rg: int, counters: np.ndarray) -> None:
         """+-inf (also a float64 beyond float32's range, which the cast made inf): one such value
         makes every loss NaN from the first step, so it is an error, or filled and counted."""
-        if np.isfinite(dense.sum()):  # one reduction in the common case (no NaN is left here)
+        if np.isfinite(dense.sum(dtype=np.float64)):  # one reduction (float64: finite float32 sums never overflow)
             return
         inf = np.isinf(dense)
         if self.cfg.nonfinite == "error":

@@ -149,11 +149,36 @@ def load(path: str | Path, dmp, optimizer) -> int:
         if isinstance(opt, KeyedOptimizerWrapper):
             opt.init_state()
     state = _state(dmp, optimizer, 0)
+    present = _without_empty(state)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(present, checkpoint_id=str(path))
     except Exception as e:
         raise CheckpointError(f"loading checkpoint {path} failed: {e}") from e
+    _merge(state, present)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     log.info("resumed from %s", path)
     return int(state["progress"]["step"])
+
+
+def _without_empty(d: dict) -> dict:
+    """`d` without empty sub-dicts (at any depth): a stateless optimizer (fused SGD) has an
+    empty state per parameter, which DCP saves as nothing and then cannot find when loading.
+    New dicts, same leaves: tensors still load in place."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _without_empty(v)
+            if not v:
+                continue
+        out[k] = v
+    return out
+
+
+def _merge(into: dict, loaded: dict) -> None:
+    """Copies the loaded leaves (non-tensor values are replaced, not loaded in place) back."""
+    for k, v in loaded.items():
+        if isinstance(v, dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

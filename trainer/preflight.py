@@ -15,10 +15,11 @@ from typing import Callable, List, Optional, TypeVar
 import torch.distributed as dist
 
 from data.reader import DataError, DataSource
-from trainer.errors import RunError
+from trainer.errors import CheckpointError, NonFiniteError, RunError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+AGREED_ERRORS = {cls.__name__: cls for cls in (RunError, NonFiniteError, CheckpointError, DataError)}
 
 
 def agreed(fn: Callable[[], T]) -> T:
@@ -37,7 +38,7 @@ def agreed(fn: Callable[[], T]) -> T:
         if first is not None:
             kind, text = first[1].split("\0", 1)
             if error is None:
-                error = (DataError if kind == "DataError" else RunError)(f"{text} (rank {first[0]})")
+                error = AGREED_ERRORS.get(kind, RunError)(f"{text} (rank {first[0]})")
     if error is not None:
         raise error
     return result

@@ -27,10 +27,17 @@ log = logging.getLogger("mbrec")
 DEMO_CONFIG = "launch/configs/demo.toml"
 
 
+PROJECT_LOGGERS = ("mbrec", "trainer", "data", "launch", "balancing", "models")
+
+
 def _setup_logging() -> None:
+    """Library loggers at WARNING; this project's at INFO on rank 0 (WARNING on the others).
+    `force`: an import may already have configured the root logger, which would make this a no-op."""
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if rank == "0" else logging.WARNING)
 
 
 def cmd_synth(args) -> int:

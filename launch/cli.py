@@ -5,6 +5,7 @@
     mbrec launch CONFIG -s local_cwd -j 1x2   train through torchx
     mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
     mbrec report RUN_DIR...             results table, report.md and plots of finished runs
+    mbrec validate CONFIG               scan every row group of the data once, report every error
 
 Every command takes `--set section.key=value` overrides (TOML values; bare words are strings).
 """
@@ -165,6 +166,26 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    """Scans every row group of data.train and data.eval; exit 2 if any is bad."""
+    from data.validate import problems, scan
+    cfg = load_config(args.config, args.set)
+    bad = 0
+    for split, patterns in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        result = scan(cfg.data, patterns, args.workers)
+        print(f"data.{split}: {result['files']} files, {result['row_groups']} row groups, "
+              f"{result['counters']['rows']} rows; counters {json.dumps(result['counters'])}")
+        for name, c in result["tasks"].items():
+            print(f"  task {name}: {c['labelled']} labelled, {c['positive']} positive")
+        for w in problems(result):
+            log.warning("data.%s: %s", split, w)
+        for err in result["errors"]:
+            log.error("%s", err)
+        bad += len(result["errors"])
+    print(f"{bad} bad row group(s)" if bad else "no errors")
+    return 2 if bad else 0
+
+
 def cmd_report(args) -> int:
     from launch.report import write_report
     write_report([Path(d) for d in args.runs], Path(args.out))
@@ -221,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             add_launcher(sp)
             sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    sp = add("validate", cmd_validate)
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
     sp = add("bench-data", cmd_bench_data)
     sp.add_argument("--workers", type=int, default=2, help="also time the reader with this many workers")
     sp.add_argument("--rounds", type=int, default=2)

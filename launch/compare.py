@@ -142,7 +142,7 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
 
 
 def write_compare_report(out: Path) -> str:
-    from launch.report import plot_balancing
+    from launch.report import defined_or_nan, plot_balancing
     runs = _load(out)
     for name, rs in runs.items():
         for r, seed_dir in zip(rs, sorted((out / name).glob("seed*/summary.json"))):
@@ -172,6 +172,7 @@ def write_compare_report(out: Path) -> str:
         for name, rs in sorted(runs.items()):
             for r in rs:
                 for t, v in r["eval"].items():
-                    f.write(f"{name},{r['seed']},{t},{v['ne']:.6f},{v['auc']:.6f},{r['train_rows_per_s']:.1f}\n")
+                    f.write(f"{name},{r['seed']},{t},{defined_or_nan(v['ne']):.6f},{defined_or_nan(v['auc']):.6f},"
+                            f"{r['train_rows_per_s']:.1f}\n")
     print(text)
     return text

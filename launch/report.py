@@ -44,6 +44,11 @@ def oracle_ne(eval_patterns: List[str], tasks: List[Dict[str, str]]) -> Dict[str
     return out
 
 
+def defined_or_nan(x) -> float:
+    """A metric of summary.json; null (a task whose eval labels are one class) -> NaN."""
+    return float("nan") if x is None else x
+
+
 def ne_gain(ne_base: float, ne: float) -> float:
     """The paper's NE gain, in %: 100 (NE(equal) - NE(method)) / NE(equal)."""
     return 100.0 * (ne_base - ne) / ne_base
@@ -93,11 +98,11 @@ def results_table(runs: List[Path]) -> tuple[List[str], List[List[str]], Dict]:
     for t in tasks + ["average"]:
         def ne(n):
             s = summaries[n]["eval"]
-            return float(np.mean([s[k]["ne"] for k in tasks])) if t == "average" else s[t]["ne"]
+            return float(np.mean([defined_or_nan(s[k]["ne"]) for k in tasks])) if t == "average" else defined_or_nan(s[t]["ne"])
 
         def auc(n):
             s = summaries[n]["eval"]
-            return float(np.mean([s[k]["auc"] for k in tasks])) if t == "average" else s[t]["auc"]
+            return float(np.mean([defined_or_nan(s[k]["auc"]) for k in tasks])) if t == "average" else defined_or_nan(s[t]["auc"])
         row = [t] + [f"{ne(n):.5f}" for n in summaries] + [f"{auc(n):.4f}" for n in summaries]
         if t == "average":  # the mean of the per-task gains, as the paper's tables report
             row += [f"{np.mean([ne_gain(summaries[base]['eval'][k]['ne'], summaries[n]['eval'][k]['ne']) for k in tasks]):+.3f}"

@@ -1,6 +1,5 @@
 """Checks that need no training: config semantics, checkpoint discovery and retention, run
 identity, disk space, and reader errors raised in a DataLoader worker."""
-import json
 import subprocess
 import sys
 from pathlib import Path

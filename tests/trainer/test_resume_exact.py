@@ -1,7 +1,6 @@
 """Every balancer's state round-trips exactly: save at step k, resume, and step 2k equals the
 straight run bitwise (2 gloo ranks; eval predictions and task weights compared)."""
 import copy
-from pathlib import Path
 
 import numpy as np
 

@@ -14,12 +14,15 @@ under id_policy="hash" are remapped with `hash_ids` (counted).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import itertools
 import logging
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -35,6 +38,7 @@ from data.batch import COUNTERS, Batch
 from data.schema import DataConfig
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DataError(ValueError):
@@ -396,6 +400,18 @@ class ParquetBatches(IterableDataset):
             yield decoder.decode(table, path, rg)
 
 
+def _die_with_parent(parent: int, _worker_id: int) -> None:
+    """DataLoader worker init: on Linux, the kernel kills the worker when its rank dies. A rank
+    killed with SIGKILL (OOM killer, a fault) runs no clean-up, and its workers, blocked on a
+    full queue, would otherwise live on, holding memory, after the job has restarted."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        if os.getppid() != parent:  # the rank died before the call: nobody to die with
+            os._exit(1)
+
+
 @dataclass
 class WorkerFailure:
     """A DataError raised in a DataLoader worker, passed to the consuming process as an item."""
@@ -431,8 +447,8 @@ class DataSource:
         """This rank's real batches for one epoch, read by `num_workers` DataLoader workers."""
         keys = [f.name for f in self.cfg.sparse]
         chunks = iter(self.dataset()) if num_workers == 0 else DataLoader(
-            self.dataset(), batch_size=None, num_workers=num_workers,
-            collate_fn=_as_is)  # no conversion in the worker
+            self.dataset(), batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
         for chunk in chunks:
             if isinstance(chunk, WorkerFailure):
                 raise DataError(chunk.message)

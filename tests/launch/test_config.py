@@ -42,3 +42,13 @@ def test_every_shipped_config_parses():
     from pathlib import Path
     for path in Path("launch/configs").glob("*.toml"):
         load_config(path)
+
+
+def test_component_passes_max_restarts_to_torchrun():
+    from torchx import specs
+    from launch.components import train, with_restarts
+    args = " ".join(train(j="2x4", max_restarts=3).roles[0].args)
+    assert "torchrun --max_restarts 3 " in args and "--nnodes 2" in args
+    bare = specs.AppDef("x", roles=[specs.Role("r", image="i", entrypoint="python", args=["-m", "x"])])
+    with pytest.raises(ValueError, match="--max_restarts"):
+        with_restarts(bare, 1)

@@ -69,6 +69,21 @@ def test_killed_rank_restarts_resumes_and_matches_the_straight_run(tiny_synth, t
     b = json.loads((out / "summary.json").read_text())
     assert b["steps"] == a["steps"] == 72
     assert b["final_weights"] == a["final_weights"] and b["eval"] == a["eval"]
+    _assert_no_process_left(out)
+
+
+def _assert_no_process_left(out: Path) -> None:
+    """Nothing of the job outlives it (the killed rank's DataLoader workers die with it)."""
+    time.sleep(1)
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(out))]
+    assert not left, f"processes of the job still alive: {left}"
+
+
+def _cmdline_has(p: Path, text: str) -> bool:
+    try:
+        return text.encode() in (p / "cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def test_frozen_rank_ends_the_job_with_an_error(tiny_synth, tmp_path):
@@ -90,3 +105,4 @@ def test_frozen_rank_ends_the_job_with_an_error(tiny_synth, tmp_path):
     assert time.time() - t0 < 150
     assert "a collective failed" in log and "trainer.pg_timeout_s" in log, log[-3000:]
     assert not (out / "summary.json").exists()
+    _assert_no_process_left(out)

@@ -66,12 +66,14 @@ def _scenarios(tiny_synth, tmp: Path):
         "sgd_resumed": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
         "changed": (["optim.sparse='sgd'", "trainer.max_steps=12", "optim.dense_lr=0.01"],
                     ("RunError", "optim.dense_lr: 0.003 -> 0.01")),
+        "batch_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", "data.batch_size=128"],
+                          ("RunError", "the data position depends on data.batch_size")),
         "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("RunError", "holds a finished run")),
         "keep": (["trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"], None),
     }
 
 
-SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "finished": "sgd"}
+SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd"}
 
 
 def _run_all(raw: dict, scenarios: dict, root: str):
@@ -104,7 +106,7 @@ def outcomes(tiny_synth, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["empty", "no_row_groups", "null_labels", "nan_loss", "blocked_checkpoints",
-                                  "changed", "finished"])
+                                  "changed", "batch_changed", "finished"])
 def test_bad_runs_fail_with_a_named_error(outcomes, name):
     scenarios, got, _ = outcomes
     kind, fragment = scenarios[name][1]

@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from trainer.errors import CheckpointError
@@ -98,8 +99,8 @@ class CheckpointDir:
         path = self.root / f"step-{step:09d}"
         try:
             dcp.save(_state(dmp, optimizer, step), checkpoint_id=str(path))
-        except Exception as e:  # DCP gathers every rank's failure into one exception
-            raise CheckpointError(f"saving checkpoint {path} failed ({self._free()}): {e}") from e
+        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
+            raise CheckpointError(f"saving checkpoint {path} failed ({self._free()}): {_cause(e)}") from e
         if _is_main():  # after every rank finished its part; an atomic replace
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(path.name)
@@ -152,13 +153,21 @@ def load(path: str | Path, dmp, optimizer) -> int:
     present = _without_empty(state)
     try:
         dcp.load(present, checkpoint_id=str(path))
-    except Exception as e:
-        raise CheckpointError(f"loading checkpoint {path} failed: {e}") from e
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"loading checkpoint {path} failed: {_cause(e)}") from e
     _merge(state, present)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     log.info("resumed from %s", path)
     return int(state["progress"]["step"])
+
+
+def _cause(e: BaseException) -> str:
+    """The root failures of a DCP exception, one line per rank (CheckpointException is a
+    BaseException whose text holds every rank's whole traceback)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(f[0]).__name__}: {f[0]}" for r, f in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {e}"
 
 
 def _without_empty(d: dict) -> dict:

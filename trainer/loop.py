@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -72,9 +73,43 @@ def _all_reduce_counters(src: DataSource, device: torch.device) -> Dict[str, int
     return dict(zip(COUNTERS, t.tolist()))
 
 
+@dataclass
+class Run:
+    """What one training run works with, once checked, built and (maybe) resumed."""
+    out: Path
+    tasks: List[str]
+    ckpts: CheckpointDir
+    train_src: DataSource
+    eval_src: DataSource
+    total: int  # steps
+    dmp: object
+    optimizer: object
+    pipeline: object
+    step: int  # the step training starts from (a resumed checkpoint's)
+
+
 def train(cfg) -> Dict:
     env = init_distributed(cfg.trainer.pg_timeout_s)
     torch.manual_seed(cfg.trainer.seed)
+    run = _prepare(cfg, env)
+    runlog = RunLog(run.out, env.is_main)
+    balancer = run.dmp.module.balancer
+    with precision_context(cfg.trainer.precision, env.device):
+        step, t_train = _train_steps(run, cfg.trainer, env, runlog, desc=f"train {cfg.balancer.method}")
+        save_preds = run.out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
+        final = evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks, save_preds)
+    summary = _summary(cfg, env, step, final, run.train_src, run.eval_src, t_train, balancer)
+    runlog.write("eval", step, _flat(final))
+    runlog.write("summary", step, {"summary": summary})
+    if env.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("final eval: %s", json.dumps(final))
+    runlog.close()
+    return summary
+
+
+def _prepare(cfg, env) -> Run:
+    """Checks (agreed across ranks) -> data sources -> model, DMP, pipeline -> resume point."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
     ckpts = CheckpointDir(out / "checkpoints", tcfg.keep_checkpoints)
     train_src, eval_src = agreed(lambda: _sources(cfg, env))
@@ -83,47 +118,43 @@ def train(cfg) -> Dict:
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
-    balancer = dmp.module.balancer
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
     ckpt = agreed(lambda: _resume_point(cfg, env, out, ckpts, ident, total))
     step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
-    saved = step if ckpt is not None else -1
     agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
                               tcfg.keep_checkpoints))
-    runlog = RunLog(out, env.is_main)
-    guard = NonFiniteGuard(env.device, train_src.steps_per_epoch, tasks)
-    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-    stream = batch_stream(train_src, step)
-    bar = tqdm(total=total, initial=step, disable=not (env.is_main and tcfg.progress_bar),
-               desc=f"train {cfg.balancer.method}", mininterval=2.0)
+    return Run(out, tasks, ckpts, train_src, eval_src, total, dmp, optimizer, pipeline, step)
+
+
+def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, float]:
+    """Trains from run.step to run.total in segments that end at eval and checkpoint steps;
+    the final checkpoint is written here, before the final eval (which may fail). Returns the
+    step reached and the seconds spent training."""
+    step, saved, balancer = run.step, run.step, run.dmp.module.balancer
+    guard = NonFiniteGuard(env.device, run.train_src.steps_per_epoch, run.tasks)
+    dense = [p for _, p in in_backward_optimizer_filter(run.dmp.named_parameters())]
+    stream = batch_stream(run.train_src, step)
+    bar = tqdm(total=run.total, initial=step, disable=not (env.is_main and tcfg.progress_bar), desc=desc,
+               mininterval=2.0)
     boundaries = [b for b in (tcfg.eval_every, tcfg.checkpoint_every) if b > 0]
-    checks = Checks(tcfg.log_every, tcfg.check_every or tcfg.log_every, guard, balancer, tasks, runlog)
+    checks = Checks(tcfg.log_every, tcfg.check_every or tcfg.log_every, guard, balancer, run.tasks, runlog)
     t_train = 0.0
-    with precision_context(tcfg.precision, env.device):
-        while step < total:
-            seg_end = min([total] + [(step // b + 1) * b for b in boundaries])
-            t0 = time.perf_counter()
-            step = _train_segment(pipeline, itertools.islice(stream, seg_end - step), step, checks, bar)
-            t_train += time.perf_counter() - t0
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total:
-                runlog.write("eval", step, _flat(evaluate(pipeline, dmp, eval_src, env, tasks)))
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total:
-                guard.check(step, balancer.stats(), dense)
-                ckpts.save(dmp, optimizer, step)
-        bar.close()
-        guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
-        if tcfg.checkpoint_at_end and saved != step:  # written before the final eval, which may fail
-            ckpts.save(dmp, optimizer, step)
-        save_preds = out / f"eval_predictions.rank{env.rank}.npy" if tcfg.save_predictions else None
-        final = evaluate(pipeline, dmp, eval_src, env, tasks, save_preds)
-    summary = _summary(cfg, env, step, final, train_src, eval_src, t_train, balancer)
-    runlog.write("eval", step, _flat(final))
-    runlog.write("summary", step, {"summary": summary})
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("final eval: %s", json.dumps(final))
-    runlog.close()
-    return summary
+    while step < run.total:
+        seg_end = min([run.total] + [(step // b + 1) * b for b in boundaries])
+        t0 = time.perf_counter()
+        step = _train_segment(run.pipeline, itertools.islice(stream, seg_end - step), step, checks, bar)
+        t_train += time.perf_counter() - t0
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < run.total:
+            runlog.write("eval", step, _flat(evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks)))
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < run.total:
+            guard.check(step, balancer.stats(), dense)
+            run.ckpts.save(run.dmp, run.optimizer, step)
+            saved = step
+    bar.close()
+    guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
+    if tcfg.checkpoint_at_end and saved != step:  # (a resumed finished run has it already)
+        run.ckpts.save(run.dmp, run.optimizer, step)
+    return step, t_train
 
 
 def _sources(cfg, env) -> Tuple[DataSource, DataSource]:

@@ -147,3 +147,10 @@ progress_bar = false
     assert errors and "label column 'y' has value 3 (row 20 of row group 3)" in errors[0], proc.stderr[-2000:]
     assert "Caught DataError" not in proc.stderr
 
+
+
+def test_out_dir_that_cannot_be_written_is_refused(tmp_path):
+    from trainer.preflight import check_writable
+    (tmp_path / "taken").write_text("a file, not a directory")
+    with pytest.raises(RunError, match="trainer.out_dir .*taken/run is not writable"):
+        check_writable(tmp_path / "taken" / "run")

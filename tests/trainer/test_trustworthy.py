@@ -47,7 +47,8 @@ def _scenarios(tiny_synth, tmp: Path):
     null_cvr = _write(_replace(train, "cvr", [None] * train.num_rows), tmp / "nullcvr" / "a.parquet")
     huge = _write(_replace(train, "d3", [3e38] * train.num_rows), tmp / "huge" / "a.parquet")
     inf = _write(_replace(train, "d1", [float("inf")] + [0.5] * (train.num_rows - 1)), tmp / "inf" / "a.parquet")
-    no_pos = _write(_replace(ev, "conv", [0] * ev.num_rows), tmp / "nopos" / "a.parquet")
+    no_pos = _replace(_replace(ev, "conv", [0] * ev.num_rows), "cvr", [None] * ev.num_rows)
+    no_pos = _write(no_pos, tmp / "nopos" / "a.parquet")  # conv: no positive; cvr: no labelled row
     uneven = _write(ev.slice(0, 300), tmp / "uneven" / "a.parquet", row_groups=[100, 150, 50])
     blocked = tmp / "blocked"
     (blocked / "checkpoints").parent.mkdir(parents=True)
@@ -132,6 +133,7 @@ def test_task_without_positives_reports_null(outcomes):
     kind, summary = got["no_positives"]
     assert kind == "ok" and summary["eval"]["conv"]["ne"] is None and summary["eval"]["conv"]["auc"] is None
     assert summary["eval"]["conv"]["positives"] == 0 and summary["eval"]["ctr"]["ne"] < 1.1
+    assert summary["eval"]["cvr"] == {"ne": None, "auc": None, "rows": 0, "positives": 0}
 
 
 def test_uneven_small_eval_metrics_equal_numpy(outcomes):

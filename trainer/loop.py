@@ -121,8 +121,9 @@ def _prepare(cfg, env) -> Run:
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
     ckpt = agreed(lambda: _resume_point(cfg, env, out, ckpts, ident, total))
     step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
-    agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
-                              tcfg.keep_checkpoints))
+    if tcfg.checkpoint_every or tcfg.checkpoint_at_end:
+        agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
+                                  tcfg.keep_checkpoints))
     return Run(out, tasks, ckpts, train_src, eval_src, total, dmp, optimizer, pipeline, step)
 
 

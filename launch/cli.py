@@ -79,11 +79,14 @@ def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_
     if it succeeded)."""
     load_config(config, overrides)  # fail fast here on a bad config, not in every rank
     component = str(Path(__file__).with_name("components.py")) + ":" + component_fn
-    cmd = ["torchx", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
+    # torchx, and the torchrun it starts, from this interpreter's environment: `.venv/bin/mbrec`
+    # works without an activated venv
+    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
     cmd += [component, "--config", config, "-j", j] + list(extra or [])
     cmd += ["--"] + list(overrides) if overrides and pass_overrides else []
     log.info("%s", " ".join(cmd))
-    return subprocess.run(cmd).returncode
+    bindir = str(Path(sys.executable).parent)
+    return subprocess.run(cmd, env={**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}).returncode
 
 
 def cmd_launch(args) -> int:
@@ -147,7 +150,7 @@ def cmd_bench_worker(args) -> int:
     cfg = load_config(args.config, args.set)
     bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
                         warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time)
-    env = init_distributed()
+    env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     result = run_bench(cfg, bench, env)
     if env.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

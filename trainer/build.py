@@ -26,7 +26,8 @@ from balancing import build_balancer
 from balancing.base import DeferredGram, carries_gram
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
-from trainer.config import OptimConfig, TrainerConfig
+from trainer.config import DEVICES, OptimConfig, TrainerConfig
+from trainer.errors import RunError
 from trainer.precision import autocast_dtype
 from trainer.task_model import MultiTaskTrain
 
@@ -50,7 +51,23 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+def pick_device(setting: str, local_rank: int, local_world: int, gpus: int) -> torch.device:
+    """This rank's device: `trainer.device` "cpu", "cuda" or "auto" (cuda if a GPU is
+    visible); local rank i gets visible GPU i, and more ranks on a machine than visible GPUs
+    is an error (two ranks would share a GPU, or die on an invalid ordinal)."""
+    if setting not in DEVICES:
+        raise RunError(f"trainer.device must be one of {DEVICES}, got {setting!r}")
+    if setting == "cpu" or (setting == "auto" and gpus == 0):
+        return torch.device("cpu")
+    if gpus == 0:
+        raise RunError("trainer.device = 'cuda' but no CUDA device is visible")
+    if local_world > gpus:
+        raise RunError(f"{local_world} ranks on this machine but {gpus} visible GPU(s): start at most {gpus} "
+                       f"rank(s) per node (-j Nx{gpus}), or set trainer.device = 'cpu'")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(timeout_s: float = 600.0, device_setting: str = "auto") -> DistEnv:
     """Reads torchrun/torchx variables (a single process without them); nccl on GPUs, gloo on CPU.
     `timeout_s`: a collective that waits longer (a rank that died or froze) raises instead of
     hanging for the backend's default of 30 minutes."""
@@ -58,12 +75,13 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = pick_device(device_setting, local_rank, local_world,
+                         torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
         # Denormal floats (tiny gradients late in training) slow CPU arithmetic by large
         # factors; flushing them to zero changes nothing measurable in the results.
         torch.set_flush_denormal(True)

@@ -6,6 +6,7 @@ from typing import List
 
 DENSE_OPTIMIZER_NAMES = ("adam", "adagrad", "sgd")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainerConfig:
     allow_config_change: bool = False
     pg_timeout_s: float = 600.0  # a collective that waits longer (a dead or frozen rank) fails
     check_every: int = 0  # steps between non-finite checks (0: at log steps and checkpoints)
+    device: str = "auto"  # auto (GPU if visible) | cpu | cuda; local rank i uses visible GPU i
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.max_steps < 0:
@@ -58,5 +60,7 @@ class TrainerConfig:
         for key in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "check_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"trainer.device must be one of {DEVICES}, got {self.device!r}")
         if not self.pg_timeout_s > 0:
             raise ValueError(f"trainer.pg_timeout_s must be > 0, got {self.pg_timeout_s}")

@@ -89,7 +89,7 @@ class Run:
 
 
 def train(cfg) -> Dict:
-    env = init_distributed(cfg.trainer.pg_timeout_s)
+    env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     run = _prepare(cfg, env)
     runlog = RunLog(run.out, env.is_main)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,12 +23,26 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     so one region around many steps would keep computing with the weights of the first step.
     It is applied around each forward instead (`AutocastForward`, `MultiTaskTrain`)."""
     autocast_dtype(precision)  # validates
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    switches = tf32_switches()
+    old = [getattr(holder, name) for holder, name, _, _ in switches]
+    for holder, name, on, off in switches:
+        setattr(holder, name, on if precision == "tf32" else off)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (holder, name, _, _), value in zip(switches, old):
+            setattr(holder, name, value)
+
+
+def tf32_switches() -> List[Tuple[Any, str, Any, Any]]:
+    """(holder, attribute, on, off) of the running torch's TF32 switches for matmuls and
+    convolutions: the `fp32_precision` API where torch has it (reading the legacy `allow_tf32`
+    flags raises once anything has used the new API), else the legacy flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "tf32", "ieee"),
+                (torch.backends.cudnn.conv, "fp32_precision", "tf32", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", True, False),
+            (torch.backends.cudnn, "allow_tf32", True, False)]
 
 
 def autocast_region(device_type: str, dtype: Optional[torch.dtype]) -> torch.autocast:

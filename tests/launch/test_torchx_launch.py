@@ -33,8 +33,9 @@ def test_launch_demo_config_local_cwd(tiny_synth, tmp_path):
 
 
 def test_failed_job_reports_failure(tmp_path):
-    """A rank that fails (here: a missing data file) makes `mbrec launch` fail too."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    """A rank that fails (here: a missing data file) makes `mbrec launch` fail too. The venv is
+    not on PATH (`.venv/bin/mbrec` without an activated venv): torchx and torchrun are found."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, "-m", "launch.cli", "launch", "launch/configs/demo.toml", "-j", "1x2", "--max-restarts", "0",
            "--set", f"data.train=[\"{tmp_path}/missing.parquet\"]", "--set", f"trainer.out_dir={tmp_path}/r"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -154,3 +154,17 @@ def test_out_dir_that_cannot_be_written_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file, not a directory")
     with pytest.raises(RunError, match="trainer.out_dir .*taken/run is not writable"):
         check_writable(tmp_path / "taken" / "run")
+
+
+@pytest.mark.parametrize("setting, local_rank, local_world, gpus, expected", [
+    ("auto", 1, 2, 0, "cpu"), ("cpu", 1, 2, 8, "cpu"), ("auto", 3, 8, 8, "cuda:3"), ("cuda", 0, 1, 1, "cuda:0"),
+    ("auto", 1, 2, 1, "2 ranks on this machine but 1 visible GPU"), ("cuda", 0, 1, 0, "no CUDA device"),
+    ("tpu", 0, 1, 0, "trainer.device must be one of"),
+])
+def test_ranks_map_to_visible_devices(setting, local_rank, local_world, gpus, expected):
+    from trainer.build import pick_device
+    if ":" in expected or expected == "cpu":
+        assert str(pick_device(setting, local_rank, local_world, gpus)) == expected
+    else:
+        with pytest.raises(RunError, match=expected):
+            pick_device(setting, local_rank, local_world, gpus)

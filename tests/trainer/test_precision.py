@@ -31,3 +31,20 @@ def test_bf16_forward_uses_the_updated_weights():
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, fresh)  # no stale bf16 weight copies inside the loop
     assert before.dtype == torch.float32  # predictions leave the model in fp32
+
+
+def test_tf32_setting_uses_the_api_of_the_running_torch():
+    """Once anything has used torch's fp32_precision API, reading the legacy allow_tf32 flag
+    raises: the context must use the new API where it exists, and restore what it found."""
+    from trainer.precision import tf32_switches
+    holder, name, on, off = tf32_switches()[0]
+    before = getattr(holder, name)
+    setattr(holder, name, on)  # as another library might
+    try:
+        with precision_context("fp32", torch.device("cpu")):
+            assert getattr(holder, name) == off
+        with precision_context("tf32", torch.device("cpu")):
+            assert getattr(holder, name) == on
+        assert getattr(holder, name) == on  # restored
+    finally:
+        setattr(holder, name, before)

@@ -1,4 +1,4 @@
-# `make demo` and `make test` set up .venv on first use (CPU stack), then run.
+# `make demo` and `make test` set up .venv on first use (the stack of requirements/, CPU or GPU), then run.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -7,18 +7,19 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 setup: $(VENV)/.installed
 
-# torchrec goes in with --no-deps: its declared dependency is the CUDA fbgemm-gpu build,
-# which would replace fbgemm-gpu-cpu and fail to load on a CPU machine.
-$(VENV)/.installed: pyproject.toml
+# The stack: gpu where nvidia-smi lists a GPU, else cpu (make setup STACK=cpu chooses). Versions
+# live in requirements/ only. torchrec goes in with --no-deps: its declared dependency is the CUDA
+# fbgemm-gpu build, which would replace fbgemm-gpu-cpu and fail to load on a CPU machine.
+STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+
+$(VENV)/.installed: pyproject.toml requirements/$(STACK).txt requirements/torchrec-$(STACK).txt requirements/common.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) fbgemm-gpu-cpu==1.8.0
-	$(PIP) --no-deps torchrec==1.8.0
-	$(PIP) tensordict torchmetrics==1.0.3 pyre-extensions tqdm iopath torchx==0.7.0 \
-	    pyarrow pytest numpy tensorboard matplotlib
+	$(PIP) -r requirements/$(STACK).txt
+	$(PIP) --no-deps -r requirements/torchrec-$(STACK).txt
+	$(PIP) -r requirements/common.txt
 	$(PIP) --no-deps torchjd==0.18.0  # test-only: independent reference implementations
 	$(PIP) --no-deps -e .
-	touch $@
+	echo $(STACK) > $@
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mbrec demo

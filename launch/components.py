@@ -8,7 +8,7 @@ Trailing arguments (after `--`) are config overrides, `section.key=value`.
 """
 # No `from __future__ import annotations` here: torchx decodes the parameter types at runtime.
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torchx
 from torchx import specs
@@ -22,9 +22,9 @@ def train(
     name: str = "mbrec",
     image: str = torchx.IMAGE,
     h: Optional[str] = None,
-    cpu: int = 2,
+    cpu: int = 0,
     gpu: int = 0,
-    memMB: int = 8192,
+    memMB: int = 0,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 2,
@@ -39,9 +39,9 @@ def train(
         name: job name
         image: image (local_cwd: ignored; the current directory is used)
         h: named resource (e.g. a cluster's GPU host type)
-        cpu: CPUs per replica
+        cpu: CPUs per replica (a node); 0: sized from the ranks and reader workers (node_resources)
         gpu: GPUs per replica
-        memMB: memory per replica
+        memMB: memory per replica in MB; 0: sized from the ranks and reader workers
         env: extra environment variables
         max_retries: retries of the whole job by the scheduler (Slurm, Kubernetes; local_cwd has none)
         max_restarts: restarts of the worker group by torchrun after a rank fails (any scheduler,
@@ -49,10 +49,35 @@ def train(
         rdzv_port: rendezvous port on the first node
     """
     args = ["train", config] + [a for o in overrides for a in ("--set", o)]
+    cpu, memMB = node_resources(j, _workers(config, overrides), cpu, memMB)
     app = dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
                    memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
                    max_retries=max_retries, rdzv_port=rdzv_port)
     return with_restarts(app, max_restarts)
+
+
+RANK_CPUS, RANK_MEM_MB = 1, 8192  # per rank process
+WORKER_CPUS, WORKER_MEM_MB = 1, 2048  # per DataLoader worker process of a rank
+
+
+def node_resources(j: str, workers: int, cpu: int = 0, mem_mb: int = 0) -> Tuple[int, int]:
+    """(CPUs, MB) to request per replica, which torchx schedules as one node running all of
+    its nproc_per_node ranks, each with `workers` DataLoader processes: sized per process
+    unless given (> 0). A fixed per-replica request would starve or OOM-kill an 8-rank node."""
+    nproc = int(j.split("x")[-1])
+    cpu = cpu if cpu > 0 else nproc * (RANK_CPUS + WORKER_CPUS * workers)
+    mem_mb = mem_mb if mem_mb > 0 else nproc * (RANK_MEM_MB + WORKER_MEM_MB * workers)
+    return cpu, mem_mb
+
+
+def _workers(config: str, overrides) -> int:
+    """data.num_workers of the run; the default where the config exists only inside the image."""
+    from launch.config import load_config
+    from data.schema import DataConfig
+    try:
+        return max(load_config(config, list(overrides)).data.num_workers, 0)
+    except FileNotFoundError:
+        return DataConfig().num_workers
 
 
 def with_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
@@ -73,9 +98,9 @@ def compare(
     name: str = "mbrec-compare",
     image: str = torchx.IMAGE,
     h: Optional[str] = None,
-    cpu: int = 2,
+    cpu: int = 0,
     gpu: int = 0,
-    memMB: int = 8192,
+    memMB: int = 0,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """Runs the planned runs of `mbrec compare` one after another in one job.
@@ -87,11 +112,12 @@ def compare(
         name: job name
         image: image (local_cwd: ignored)
         h: named resource
-        cpu: CPUs per replica
+        cpu: CPUs per replica (a node); 0: sized from the ranks and reader workers (node_resources)
         gpu: GPUs per replica
-        memMB: memory per replica
+        memMB: memory per replica in MB; 0: sized from the ranks and reader workers
         rdzv_port: rendezvous port on the first node
     """
+    cpu, memMB = node_resources(j, _workers(config, ()), cpu, memMB)
     return dist.ddp("compare-worker", config, "--plan", plan, m="launch.cli", image=image, name=name,
                     h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
                     rdzv_port=rdzv_port)
@@ -104,9 +130,9 @@ def bench(
     name: str = "mbrec-bench",
     image: str = torchx.IMAGE,
     h: Optional[str] = None,
-    cpu: int = 2,
+    cpu: int = 0,
     gpu: int = 0,
-    memMB: int = 8192,
+    memMB: int = 0,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """`mbrec bench-worker` on every rank (arguments after `--` are passed on).
@@ -118,10 +144,11 @@ def bench(
         name: job name
         image: image (local_cwd: ignored)
         h: named resource
-        cpu: CPUs per replica
+        cpu: CPUs per replica (a node); 0: sized from the ranks and reader workers (node_resources)
         gpu: GPUs per replica
-        memMB: memory per replica
+        memMB: memory per replica in MB; 0: sized from the ranks and reader workers
         rdzv_port: rendezvous port on the first node
     """
+    cpu, memMB = node_resources(j, _workers(config, ()), cpu, memMB)
     return dist.ddp("bench-worker", config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
                     gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"}, rdzv_port=rdzv_port)

@@ -11,10 +11,15 @@ setup: $(VENV)/.installed
 # live in requirements/ only. torchrec goes in with --no-deps: its declared dependency is the CUDA
 # fbgemm-gpu build, which would replace fbgemm-gpu-cpu and fail to load on a CPU machine.
 STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# PyTorch's own index for the torch and fbgemm builds of each stack (only these two packages are
+# looked up there)
+TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_gpu := https://download.pytorch.org/whl/cu130
 
 $(VENV)/.installed: pyproject.toml requirements/$(STACK).txt requirements/torchrec-$(STACK).txt requirements/common.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -r requirements/$(STACK).txt
+	$(PIP) --no-deps --extra-index-url $(TORCH_INDEX_$(STACK)) -r requirements/$(STACK).txt
+	$(PIP) -r requirements/$(STACK).txt  # their dependencies, from the default index
 	$(PIP) --no-deps -r requirements/torchrec-$(STACK).txt
 	$(PIP) -r requirements/common.txt
 	$(PIP) --no-deps torchjd==0.18.0  # test-only: independent reference implementations

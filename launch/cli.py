@@ -22,6 +22,7 @@ from typing import List, Optional
 
 from data.reader import DataError
 from launch.config import ConfigError, load_config
+from launch.quiet import silence_benign
 from trainer.errors import RunError
 
 log = logging.getLogger("mbrec")
@@ -29,16 +30,32 @@ DEMO_CONFIG = "launch/configs/demo.toml"
 
 
 PROJECT_LOGGERS = ("mbrec", "trainer", "data", "launch", "balancing", "models")
+LOG_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 
 
 def _setup_logging() -> None:
-    """Library loggers at WARNING; this project's at INFO on rank 0 (WARNING on the others).
-    `force`: an import may already have configured the root logger, which would make this a no-op."""
+    """Library loggers at WARNING; this project's at INFO on rank 0's console (WARNING on the
+    others'; every rank's file has INFO, see `_log_to_file`); Python warnings through logging;
+    known-benign library warnings silenced (launch.quiet). `force`: an import may already have
+    configured the root logger, which would make this a no-op."""
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.WARNING, force=True,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, force=True, format=LOG_FORMAT.format(rank=rank))
+    logging.root.handlers[0].setLevel(logging.INFO if rank == "0" else logging.WARNING)
     for name in PROJECT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if rank == "0" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    silence_benign()
+
+
+def _log_to_file(out_dir: str) -> None:
+    """Each rank's log in the run directory (torchx's local scheduler deletes its own on exit);
+    a restarted attempt appends to it."""
+    rank = os.environ.get("RANK", "0")
+    path = Path(out_dir) / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank)))
+    logging.root.addHandler(handler)
 
 
 def cmd_synth(args) -> int:
@@ -50,6 +67,7 @@ def cmd_synth(args) -> int:
 def cmd_train(args) -> int:
     from trainer.loop import train
     cfg = load_config(args.config, args.set)
+    _log_to_file(cfg.trainer.out_dir)
     try:
         train(cfg)
     except RuntimeError as e:

@@ -15,13 +15,13 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from data.reader import DataError
 from launch.config import ConfigError, load_config
+from launch.jobs import launch
 from launch.quiet import silence_benign
 from trainer.errors import RunError
 
@@ -89,22 +89,6 @@ def _collective_failure(e: RuntimeError) -> bool:
     from torchrec's own collectives, a RuntimeError saying so)."""
     import torch.distributed as dist
     return isinstance(e, dist.DistError) or any(k in str(e).lower() for k in COLLECTIVE_FAILURES)
-
-
-def launch(config: str, overrides: List[str], scheduler: str, j: str, scheduler_args: Optional[str] = None,
-           extra: Optional[List[str]] = None, component_fn: str = "train", pass_overrides: bool = True) -> int:
-    """Runs a torchx component of launch/components.py; returns the job's exit status (0 only
-    if it succeeded)."""
-    load_config(config, overrides)  # fail fast here on a bad config, not in every rank
-    component = str(Path(__file__).with_name("components.py")) + ":" + component_fn
-    # torchx, and the torchrun it starts, from this interpreter's environment: `.venv/bin/mbrec`
-    # works without an activated venv
-    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "-s", scheduler] + (["-cfg", scheduler_args] if scheduler_args else [])
-    cmd += [component, "--config", config, "-j", j] + list(extra or [])
-    cmd += ["--"] + list(overrides) if overrides and pass_overrides else []
-    log.info("%s", " ".join(cmd))
-    bindir = str(Path(sys.executable).parent)
-    return subprocess.run(cmd, env={**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}).returncode
 
 
 def cmd_launch(args) -> int:
@@ -240,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-restarts", type=int, default=2,
                     help="torchrun restarts of all ranks after one fails; each resumes from the last checkpoint")
     sp = add("demo", cmd_demo, config_required=False)
-    sp.add_argument("-j", default="1x2")
+    sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE (default: 1x2, or 1xGPUs up to 2)")
     sp = add("compare", cmd_compare, config_required=False)
     add_launcher(sp)
     sp.add_argument("--methods", default="", help="comma-separated; default: all")

@@ -7,10 +7,10 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from data.synth import write_dataset
-from launch.cli import launch
+from launch.jobs import launch
 from launch.config import load_config
 from launch.report import write_report
 
@@ -28,7 +28,15 @@ def ensure_dataset(synth_cfg) -> None:
     stamp.write_text(json.dumps(asdict(synth_cfg)))
 
 
-def run_demo(config: str, overrides: List[str], j: str, out: str = "runs/demo") -> int:
+def default_j() -> str:
+    """2 ranks on one node, as many as there are GPUs (1 on a one-GPU machine) where any is visible."""
+    import torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"1x{min(2, gpus)}" if gpus else "1x2"
+
+
+def run_demo(config: str, overrides: List[str], j: Optional[str] = None, out: str = "runs/demo") -> int:
+    j = j or default_j()
     cfg = load_config(config, overrides)
     ensure_dataset(cfg.synth)
     runs = []

@@ -29,7 +29,7 @@ from torchrec.datasets.utils import Batch as DLRMBatch
 from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
+from data.batch import COUNTERS, Batch
 from data.reader import DataSource
 from models.mtl import build_ebc
 from trainer.build import DistEnv, build_optimizer, build_pipeline, build_train_module, build_training, shard
@@ -69,7 +69,7 @@ def random_batches(cfg, n: int, seed: int) -> List[Batch]:
         if labels.shape[1] > 1:
             mask[:, 1] = labels[:, 0]
         out.append(Batch(torch.randn(b, len(cfg.data.dense), generator=g), kjt, labels * mask, mask,
-                         torch.zeros(4, dtype=torch.int64)))
+                         torch.zeros(len(COUNTERS), dtype=torch.int64)))
     return out
 
 
@@ -138,8 +138,10 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
         source = lambda: itertools.chain.from_iterable(src.epoch() for _ in itertools.count())  # noqa: E731
     else:
         fixed = random_batches(cfg, bench.distinct_batches, seed=env.rank)
+        if env.device.type == "cuda":  # host-to-device copies as fast as the reader's (pinned) batches
+            fixed = [b.pin_memory() for b in fixed]
         source = lambda: itertools.cycle(fixed)  # noqa: E731
-    built = {} if bench.one_at_a_time else {v: build_variant(v, cfg, env) for v in bench.variants}
+    built = _build_resident(cfg, bench, env)
     qps: Dict[str, List[float]] = {v: [] for v in bench.variants}
     with precision_context(cfg.trainer.precision, env.device):
         for r in range(bench.rounds):
@@ -159,6 +161,38 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     return summarize(qps, cfg, bench, env)
 
 
+def fits_resident(per_variant: int, free: int, variants: int, headroom: float = 0.6) -> bool:
+    """Whether the other `variants - 1` variants, `per_variant` bytes each as built (their
+    optimizer state and activations come on top: hence the headroom), fit in `free` bytes."""
+    return (variants - 1) * per_variant <= headroom * free
+
+
+def _build_resident(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
+    """Every variant built once and kept, or {} (each built per round and freed) when asked
+    or, on a GPU, when the first variant shows that they would not fit together (the ranks
+    agree on the choice)."""
+    if bench.one_at_a_time:
+        return {}
+    if env.device.type != "cuda":
+        return {v: build_variant(v, cfg, env) for v in bench.variants}
+    before = torch.cuda.memory_allocated(env.device)
+    built = {bench.variants[0]: build_variant(bench.variants[0], cfg, env)}
+    per_variant = torch.cuda.memory_allocated(env.device) - before
+    fits = torch.tensor([float(fits_resident(per_variant, torch.cuda.mem_get_info(env.device)[0],
+                                             len(bench.variants)))], device=env.device)
+    if dist.is_initialized():
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    if not bool(fits):
+        log.warning("the %d variants do not fit in GPU memory together (%.1f GiB each as built): "
+                    "building one at a time", len(bench.variants), per_variant / 2**30)
+        built.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        bench.one_at_a_time = True
+        return {}
+    return {**built, **{v: build_variant(v, cfg, env) for v in bench.variants[1:]}}
+
+
 def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     base = qps.get("equal")
     rows = {}
@@ -175,7 +209,8 @@ def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv
     return {"device": str(env.device) if env.device.type == "cpu" else torch.cuda.get_device_name(env.device),
             "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
             "precision": cfg.trainer.precision, "embedding_precision": cfg.model.embedding_precision,
-            "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps, "variants": rows}
+            "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps,
+            "one_at_a_time": bench.one_at_a_time, "variants": rows}
 
 
 def median_ci95(values: List[float]) -> Optional[List[float]]:

@@ -44,3 +44,11 @@ def test_median_ci95_uses_the_binomial_order_statistics():
     # n = 6: k = floor((6 - 4.80) / 2) = 0 -> None; n = 8: k = floor((8 - 5.54) / 2) = 1 -> min, max
     assert median_ci95([float(i) for i in range(6)]) is None
     assert median_ci95([float(i) for i in range(8)]) == [0.0, 7.0]
+
+
+def test_variants_stay_resident_only_when_they_fit():
+    from trainer.bench import fits_resident
+    gib = 2**30
+    assert fits_resident(30 * gib, 75 * gib, 2)  # two h100.toml-sized variants on an 80 GB GPU
+    assert not fits_resident(30 * gib, 75 * gib, 4)  # four do not: built one at a time
+    assert fits_resident(10**9, 0, 1)  # a single variant never needs room for others

@@ -6,6 +6,7 @@
     mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
     mbrec report RUN_DIR...             results table, report.md and plots of finished runs
     mbrec validate CONFIG               scan every row group of the data once, report every error
+    mbrec plan CONFIG --nodes N --gpus-per-node G   sharding plan and memory per GPU, simulated
 
 Every command takes `--set section.key=value` overrides (TOML values; bare words are strings).
 """
@@ -191,6 +192,14 @@ def cmd_validate(args) -> int:
     return 2 if bad else 0
 
 
+def cmd_plan(args) -> int:
+    """The sharding plan and memory per GPU on a simulated topology (no GPU needed)."""
+    from trainer.plan import format_report, simulate
+    report = simulate(load_config(args.config, args.set), args.nodes, args.gpus_per_node, args.hbm_gb)
+    print(format_report(report, args.nodes, args.gpus_per_node))
+    return 0
+
+
 def cmd_report(args) -> int:
     from launch.report import write_report
     write_report([Path(d) for d in args.runs], Path(args.out))
@@ -247,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             add_launcher(sp)
             sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    sp = add("plan", cmd_plan)
+    sp.add_argument("--nodes", type=int, default=1)
+    sp.add_argument("--gpus-per-node", type=int, default=8)
+    sp.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
     sp = add("validate", cmd_validate)
     sp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decoding processes")
     sp = add("bench-data", cmd_bench_data)

@@ -114,23 +114,32 @@ def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, d
                           autocast_dtype(precision), device.type)
 
 
-def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
-          env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None) -> DistributedModelParallel:
-    """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP.
-    `gram`: a balancer's deferred Gram, whose carrier DDP then reduces with the dense gradients."""
+def make_planner(ebc: EmbeddingBagCollection, optim: OptimConfig, sharding_types: List[str], device_type: str,
+                 world_size: int, local_world_size: int, batch_size: int,
+                 hbm_bytes: Optional[int] = None) -> EmbeddingShardingPlanner:
+    """The fused embedding optimizer on `ebc` (the planner sizes its state) and the planner for
+    a topology, real (training) or simulated (`mbrec plan`). On CPU: table-wise by default."""
     sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
         kwargs["eps"] = optim.eps
     apply_optimizer_in_backward(sparse_cls, ebc.parameters(), kwargs)
-    sharding_types = trainer.sharding_types or (["table_wise"] if env.device.type == "cpu" else [])
+    sharding_types = sharding_types or (["table_wise"] if device_type == "cpu" else [])
     constraints = {cfg.name: ParameterConstraints(sharding_types=sharding_types)
                    for cfg in ebc.embedding_bag_configs()} if sharding_types else None
+    topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device_type,
+                        **({"hbm_cap": hbm_bytes} if hbm_bytes else {}))
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+
+
+def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
+          env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None) -> DistributedModelParallel:
+    """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP.
+    `gram`: a balancer's deferred Gram, whose carrier DDP then reduces with the dense gradients."""
     # the planner's memory budget: the real device's memory (its default assumes a smaller GPU)
-    hbm = {"hbm_cap": torch.cuda.get_device_properties(env.device).total_memory} if env.device.type == "cuda" else {}
-    topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size,
-                        compute_device=env.device.type, **hbm)
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
+    planner = make_planner(ebc, optim, trainer.sharding_types, env.device.type, env.world_size,
+                           env.local_world_size, batch_size, hbm)
     sharders: List = get_default_sharders()
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:

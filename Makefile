@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ demo: setup
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+# On a GPU machine: the GPU checks of tests/gpu (stack, deferred Gram prefetch, 1-GPU training
+# in fp32/bf16/tf32 vs CPU, resume) and the throughput benchmark at h100.toml sizes.
+gpu-smoke: setup
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "gpu-smoke: no GPU visible (nvidia-smi -L); nothing run"; exit 2; }
+	mkdir -p runs/gpu-smoke
+	$(PY) -m pytest -q -rA tests/gpu 2>&1 | tee runs/gpu-smoke/tests.txt
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/mbrec bench launch/configs/h100.toml -j 1x1 --gpu 1 \
+	    --out runs/gpu-smoke/bench.json
 
 clean:
 	rm -rf runs datasets

@@ -17,12 +17,16 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger(__name__)
 
 
 class Balancer(nn.Module):
@@ -124,6 +128,24 @@ def carries_gram(p: torch.Tensor) -> bool:
     """Whether `p` is a DeferredGram carrier: reduced by DDP with the dense gradients, never
     optimised (the trainer keeps it out of the optimizer)."""
     return getattr(p, CARRIER_FLAG, False)
+
+
+def bind_carrier(gram: Optional["DeferredGram"], wrapped: nn.Module) -> None:
+    """After the trainer wrapped the model for data parallelism: `gram` travels on DDP's
+    all-reduce if a DistributedDataParallel inside `wrapped` holds its carrier; otherwise it
+    uses an all-reduce of its own. The one place that knows how the Gram rides on DDP."""
+    if gram is None:
+        return
+    gram.carried = any(p is gram.carrier for m in wrapped.modules() if isinstance(m, DistributedDataParallel)
+                       for p in m.parameters())
+    if not gram.carried and world_size() > 1:
+        log.warning("DDP does not reduce the balancer's Gram carrier: it uses an all-reduce of its own")
+
+
+def optimizable(named_params):
+    """(name, parameter) pairs an optimizer may step: without Gram carriers, whose gradient is a
+    message, not a gradient."""
+    return [(n, p) for n, p in named_params if not carries_gram(p)]
 
 
 class _InFlight:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,13 @@ from data.synth import SynthConfig, data_section, write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# The suite is a CPU suite on any machine (its 2-rank tests would otherwise need 2 GPUs on a GPU
+# box): GPUs are hidden from it and from the ranks it starts, unless only tests/gpu was asked for
+# (make gpu-smoke).
+_paths = [a for a in sys.argv[1:] if not a.startswith("-")]
+if not _paths or not all("tests/gpu" in a for a in _paths):
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session")

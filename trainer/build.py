@@ -11,7 +11,6 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
@@ -23,7 +22,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from balancing import build_balancer
-from balancing.base import DeferredGram, carries_gram
+from balancing.base import DeferredGram, bind_carrier, optimizable
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer.config import DEVICES, OptimConfig, TrainerConfig
@@ -145,18 +144,13 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
     dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
-    if gram is not None:
-        gram.carried = any(p is gram.carrier for m in dmp.modules() if isinstance(m, DistributedDataParallel)
-                           for p in m.parameters())
-        if not gram.carried and env.world_size > 1:
-            log.warning("DDP does not reduce the balancer's Gram carrier: it uses an all-reduce of its own")
+    bind_carrier(gram, dmp)
     return dmp
 
 
 def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
     dense_cls = DENSE_OPTIMIZERS[optim.dense]
-    dense_params = {name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters())
-                    if not carries_gram(p)}  # a Gram carrier's gradient is a message, not a gradient
+    dense_params = dict(optimizable(in_backward_optimizer_filter(dmp.named_parameters())))
     dense = KeyedOptimizerWrapper(dense_params, lambda params: dense_cls(params, lr=optim.dense_lr))
     return CombinedOptimizer([dmp.fused_optimizer, dense])
 

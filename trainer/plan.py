@@ -13,7 +13,6 @@ Memory per rank, from the plan's shard sizes:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List
 

@@ -20,11 +20,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from data.reader import DataError
-from launch.config import ConfigError, load_config
-from launch.jobs import launch
 from launch.quiet import silence_benign
-from trainer.errors import RunError
+
+silence_benign()  # before the imports below: fbgemm logs a known-benign warning when imported
+
+from data.reader import DataError  # noqa: E402
+from launch.config import ConfigError, load_config  # noqa: E402
+from launch.jobs import launch  # noqa: E402
+from trainer.errors import RunError  # noqa: E402
 
 log = logging.getLogger("mbrec")
 DEMO_CONFIG = "launch/configs/demo.toml"

@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 
-# (logger, message start, why it is benign for this trainer)
+# (logger, text the message contains, why it is benign for this trainer)
 BENIGN_LOG_LINES = [
     ("torchrec.distributed.planner.types", "The topology was constructed directly",
      "trainer.build.shard gives Topology the real device memory; nothing fails"),
@@ -14,6 +14,8 @@ BENIGN_LOG_LINES = [
      "the plan is made on the real model, not in a dry run"),
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true",
      "raised by torchrec's pipeline tracing; this project never calls is_fx_tracing"),
+    ("root", "_fbgemm_torch_compat_table has no entry for 1.6.0",
+     "fbgemm-gpu 1.6.0 (the GPU stack) lacks an entry for itself; it loads and runs with torch 2.11"),
 ]
 # (category, message regex, why)
 BENIGN_WARNINGS = [
@@ -25,18 +27,21 @@ BENIGN_WARNINGS = [
 
 
 class _DropBenign(logging.Filter):
-    def __init__(self, start: str):
+    def __init__(self, text: str):
         super().__init__()
-        self.start = start
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.start)
+        return self.text not in record.getMessage()
 
 
 def silence_benign() -> None:
+    """Idempotent; called before the libraries are imported (fbgemm warns at import time)."""
     if os.environ.get("MBREC_ALL_WARNINGS") == "1":
         return
-    for name, start, _ in BENIGN_LOG_LINES:
-        logging.getLogger(name).addFilter(_DropBenign(start))
+    for name, text, _ in BENIGN_LOG_LINES:
+        logger = logging.getLogger(None if name == "root" else name)
+        if not any(isinstance(f, _DropBenign) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropBenign(text))
     for category, regex, _ in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=regex, category=category)

@@ -70,23 +70,34 @@ def _scenarios(tiny_synth, tmp: Path):
         "batch_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", "data.batch_size=128"],
                           ("RunError", "the data position depends on data.batch_size")),
         "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("RunError", "holds a finished run")),
+        # a restart after the final checkpoint but before summary.json: eval and summary, no step
+        "completes": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
         "keep": (["trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"], None),
     }
 
 
-SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd"}
+SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd", "completes": "sgd"}
 
 
 def _run_all(raw: dict, scenarios: dict, root: str):
     from trainer.loop import train
     out = {}
     for name, (overrides, _) in scenarios.items():
+        if name == "completes":
+            _drop_summary(Path(root) / "sgd")
         r = apply_overrides(copy.deepcopy(raw), [f"trainer.out_dir='{root}/{SAME_DIR.get(name, name)}'", *overrides])
         try:
             out[name] = ("ok", train(from_dict(RunConfig, r)))
         except Exception as e:  # reported, and compared with what the scenario expects
             out[name] = (type(e).__name__, str(e))
     return out
+
+
+def _drop_summary(out: Path) -> None:
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        (out / "summary.json").unlink()
+    dist.barrier()
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +165,14 @@ def test_sgd_checkpoints_resume(outcomes):
     _, got, _ = outcomes
     assert got["sgd"][0] == "ok" and got["sgd_resumed"][0] == "ok"
     assert got["sgd_resumed"][1]["steps"] == 12
+
+
+def test_a_run_stopped_after_its_final_checkpoint_completes(outcomes):
+    _, got, tmp = outcomes
+    kind, summary = got["completes"]
+    assert kind == "ok" and summary["steps"] == 12 and summary["train_reader"]["rows"] == 0  # nothing trained
+    assert summary["eval"] == got["sgd_resumed"][1]["eval"]  # the same model, evaluated again
+    assert (tmp / "sgd" / "summary.json").exists()
 
 
 def test_keep_last_checkpoints(outcomes):

@@ -13,3 +13,7 @@ class NonFiniteError(RunError):
 
 class CheckpointError(RunError):
     """A checkpoint that cannot be written or read."""
+
+
+class AlreadyFinished(RunError):
+    """The run in out_dir is finished (summary.json and its last checkpoint are there)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from data.reader import DataSource
 from trainer import checkpoint, identity
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.checkpoint import CheckpointDir
-from trainer.errors import RunError
+from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
 from trainer.preflight import agreed, check_data, check_disk, check_writable
@@ -91,7 +92,14 @@ class Run:
 def train(cfg) -> Dict:
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
-    run = _prepare(cfg, env)
+    try:
+        run = _prepare(cfg, env)
+    except AlreadyFinished as e:
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            raise
+        # torchrun restarted a job that had finished (a rank failed on its way out): done
+        log.warning("restart attempt of a finished run: %s; its summary stands", e)
+        return json.loads((Path(cfg.trainer.out_dir) / "summary.json").read_text())
     runlog = RunLog(run.out, env.is_main)
     balancer = run.dmp.module.balancer
     with precision_context(cfg.trainer.precision, env.device):
@@ -175,8 +183,8 @@ def _resume_point(cfg, env, out: Path, ckpts: CheckpointDir, ident: Dict, total:
         identity.check_resume(out, ident, cfg.trainer.allow_config_change)
         done = checkpoint.step_of(latest)
         if done >= total and (out / "summary.json").is_file():
-            raise RunError(f"{out} holds a finished run (step {done} of {total}, summary.json): use a new "
-                           f"trainer.out_dir, or raise trainer.epochs / trainer.max_steps to train on")
+            raise AlreadyFinished(f"{out} holds a finished run (step {done} of {total}, summary.json): use a "
+                                  f"new trainer.out_dir, or raise trainer.epochs / trainer.max_steps to train on")
         if done > total:
             raise RunError(f"{out}: the checkpoint is at step {done}, past this config's {total} steps")
     if env.is_main:

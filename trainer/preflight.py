@@ -15,11 +15,12 @@ from typing import Callable, List, Optional, TypeVar
 import torch.distributed as dist
 
 from data.reader import DataError, DataSource
-from trainer.errors import CheckpointError, NonFiniteError, RunError
+from trainer.errors import AlreadyFinished, CheckpointError, NonFiniteError, RunError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-AGREED_ERRORS = {cls.__name__: cls for cls in (RunError, NonFiniteError, CheckpointError, DataError)}
+AGREED_ERRORS = {cls.__name__: cls for cls in (RunError, NonFiniteError, CheckpointError, AlreadyFinished,
+                                                DataError)}
 
 
 def agreed(fn: Callable[[], T]) -> T:

@@ -2,6 +2,7 @@
 2 gloo ranks (one spawn for all of them), through `trainer.loop.train`."""
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,14 +70,17 @@ def _scenarios(tiny_synth, tmp: Path):
                     ("RunError", "optim.dense_lr: 0.003 -> 0.01")),
         "batch_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", "data.batch_size=128"],
                           ("RunError", "the data position depends on data.batch_size")),
-        "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("RunError", "holds a finished run")),
+        "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("AlreadyFinished", "holds a finished run")),
         # a restart after the final checkpoint but before summary.json: eval and summary, no step
         "completes": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
+        # torchrun restarting a job that had finished: its summary stands, exit 0
+        "finished_restart": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
         "keep": (["trainer.checkpoint_every=2", "trainer.keep_checkpoints=2"], None),
     }
 
 
-SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd", "completes": "sgd"}
+SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd", "completes": "sgd",
+            "finished_restart": "sgd"}
 
 
 def _run_all(raw: dict, scenarios: dict, root: str):
@@ -86,6 +90,7 @@ def _run_all(raw: dict, scenarios: dict, root: str):
         if name == "completes":
             _drop_summary(Path(root) / "sgd")
         r = apply_overrides(copy.deepcopy(raw), [f"trainer.out_dir='{root}/{SAME_DIR.get(name, name)}'", *overrides])
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = "1" if name == "finished_restart" else "0"
         try:
             out[name] = ("ok", train(from_dict(RunConfig, r)))
         except Exception as e:  # reported, and compared with what the scenario expects
@@ -173,6 +178,12 @@ def test_a_run_stopped_after_its_final_checkpoint_completes(outcomes):
     assert kind == "ok" and summary["steps"] == 12 and summary["train_reader"]["rows"] == 0  # nothing trained
     assert summary["eval"] == got["sgd_resumed"][1]["eval"]  # the same model, evaluated again
     assert (tmp / "sgd" / "summary.json").exists()
+
+
+def test_a_restart_of_a_finished_job_keeps_its_summary(outcomes):
+    _, got, _ = outcomes
+    kind, summary = got["finished_restart"]
+    assert kind == "ok" and summary == got["completes"][1]
 
 
 def test_keep_last_checkpoints(outcomes):

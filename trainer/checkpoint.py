@@ -79,17 +79,9 @@ class CheckpointDir:
                         found[-1].name if found else "none")
         return found[-1] if found else None
 
-    def prepare(self) -> None:
-        """Before training, on rank 0: the directory exists and is writable (a probe file is
-        written and removed), and incomplete checkpoints of an earlier attempt are removed."""
+    def remove_incomplete(self) -> None:
+        """Before training, on rank 0: incomplete checkpoints of an earlier attempt go."""
         if _is_main():
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                probe = self.root / f".probe-{os.getpid()}"
-                probe.write_bytes(b"0" * 4096)
-                probe.unlink()
-            except OSError as e:
-                raise CheckpointError(f"checkpoint directory {self.root} is not writable: {e}") from e
             for p in self._steps():
                 if not is_complete(p):
                     log.warning("removing incomplete checkpoint %s", p)

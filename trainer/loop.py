@@ -23,7 +23,7 @@ from data.reader import DataSource
 from trainer import checkpoint, identity
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.checkpoint import CheckpointDir
-from trainer.errors import AlreadyFinished, RunError
+from trainer.errors import AlreadyFinished, CheckpointError, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
 from trainer.preflight import agreed, check_data, check_disk, check_writable
@@ -122,7 +122,8 @@ def _prepare(cfg, env) -> Run:
     ckpts = CheckpointDir(out / "checkpoints", tcfg.keep_checkpoints)
     train_src, eval_src = agreed(lambda: _sources(cfg, env))
     total = tcfg.max_steps or tcfg.epochs * train_src.steps_per_epoch
-    agreed(lambda: (check_writable(out), check_data(train_src, eval_src, tasks), ckpts.prepare()))
+    agreed(lambda: (check_writable(out), check_writable(ckpts.root, "checkpoint directory", CheckpointError),
+                    check_data(train_src, eval_src, tasks), ckpts.remove_incomplete()))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)

@@ -66,10 +66,10 @@ def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> No
     if not path.is_file():
         raise RunError(f"{out_dir} has checkpoints but no {RUN_FILE}: cannot tell what they were trained "
                        f"with; use a new trainer.out_dir (or trainer.resume = false after moving them away)")
-    changed = changed_keys(json.loads(path.read_text()), ident)
+    old = json.loads(path.read_text())
+    changed = changed_keys(old, ident)
     if not changed:
         return
-    old = json.loads(path.read_text())
     detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in changed)
     position = [k for k in changed if k in POSITION]
     if position:

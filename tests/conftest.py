@@ -36,5 +36,6 @@ def tiny_config(tiny_synth, tmp_path):
                   "shared_arch": [32, 16], "head_arch": [8]},
         "balancer": {"method": "multibalance"},
         "optim": {"dense_lr": 0.003, "sparse_lr": 0.05},
-        "trainer": {"out_dir": str(tmp_path / "run"), "progress_bar": False, "log_every": 5},
+        # a rank left waiting fails within minutes (and the test with it), not at the 10-min default
+        "trainer": {"out_dir": str(tmp_path / "run"), "progress_bar": False, "log_every": 5, "pg_timeout_s": 240},
     }

@@ -1,12 +1,16 @@
 """Run a function on N gloo ranks (spawned processes) and collect what each returns."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from typing import Any, Callable, List
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -18,6 +22,8 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a rank that hangs shows where, in the test's output, before the parent gives up on it
+    faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=False)
     try:
         result = fn(*args)
         queue.put((rank, result, None))
@@ -42,7 +48,7 @@ def run_ranks(fn: Callable, args: tuple = (), world: int = 2) -> List[Any]:
     results: List[Any] = [None] * world
     errors = []
     for _ in range(world):
-        rank, result, err = queue.get(timeout=600)
+        rank, result, err = queue.get(timeout=TIMEOUT_S)
         results[rank] = result
         if err:
             errors.append(f"rank {rank}:\n{err}")

@@ -11,7 +11,6 @@ directories are removed at start; the newest `keep` complete ones are kept.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from trainer.errors import CheckpointError
+from trainer.identity import write_atomic
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -94,9 +94,7 @@ class CheckpointDir:
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"saving checkpoint {path} failed ({self._free()}): {_cause(e)}") from e
         if _is_main():  # after every rank finished its part; an atomic replace
-            tmp = self.root / f".{LATEST}.tmp"
-            tmp.write_text(path.name)
-            os.replace(tmp, self.root / LATEST)
+            write_atomic(self.root / LATEST, path.name)
             self._retain()
         _barrier()
         log.info("saved checkpoint %s", path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -51,8 +52,15 @@ def identity(cfg, world_size: int, train_files: Sequence[str], unit_rows: Sequen
     return {**keep, "world_size": world_size, "train_units": units_digest(train_files, unit_rows)}
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Readers (other ranks, a restarted job) see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save(out_dir: Path, ident: Dict[str, Any]) -> None:
-    (out_dir / RUN_FILE).write_text(json.dumps(ident, indent=1, sort_keys=True, default=str))
+    write_atomic(out_dir / RUN_FILE, json.dumps(ident, indent=1, sort_keys=True, default=str))
 
 
 def changed_keys(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:

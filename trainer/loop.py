@@ -110,7 +110,7 @@ def train(cfg) -> Dict:
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
     if env.is_main:
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        identity.write_atomic(run.out / "summary.json", json.dumps(summary, indent=2))
         log.info("final eval: %s", json.dumps(final))
     runlog.close()
     return summary
@@ -128,7 +128,9 @@ def _prepare(cfg, env) -> Run:
                                 tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
-    ckpt = agreed(lambda: _resume_point(cfg, env, out, ckpts, ident, total))
+    ckpt = agreed(lambda: _resume_point(cfg, out, ckpts, ident, total))
+    if env.is_main:  # after every rank has read the old one (agreed() gathers)
+        identity.save(out, ident)
     step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
     if tcfg.checkpoint_every or tcfg.checkpoint_at_end:
         agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
@@ -173,9 +175,9 @@ def _sources(cfg, env) -> Tuple[DataSource, DataSource]:
             DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin))
 
 
-def _resume_point(cfg, env, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:
+def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:
     """The checkpoint to resume from (None: a fresh run), after checking that it belongs to
-    this run; saves the run's identity beside the checkpoints."""
+    this run."""
     latest = ckpts.latest()
     if latest is not None:
         if not cfg.trainer.resume:
@@ -188,8 +190,6 @@ def _resume_point(cfg, env, out: Path, ckpts: CheckpointDir, ident: Dict, total:
                                   f"new trainer.out_dir, or raise trainer.epochs / trainer.max_steps to train on")
         if done > total:
             raise RunError(f"{out}: the checkpoint is at step {done}, past this config's {total} steps")
-    if env.is_main:
-        identity.save(out, ident)
     return latest
 
 

@@ -24,13 +24,15 @@ AGREED_ERRORS = {cls.__name__: cls for cls in (RunError, NonFiniteError, Checkpo
 
 
 def agreed(fn: Callable[[], T]) -> T:
-    """fn() on every rank; if it raises a RunError or DataError on any rank, every rank raises
-    it (the first failing rank's message)."""
+    """fn() on every rank; if it raises on any rank, every rank raises (the failing rank its own
+    exception, the others the first failing rank's message, as a RunError unless it is one of
+    AGREED_ERRORS): an error on one rank alone would leave the others waiting in the next
+    collective until the process-group timeout."""
     error: Optional[BaseException] = None
     result = None
     try:
         result = fn()
-    except (RunError, DataError) as e:
+    except Exception as e:  # every kind: whatever one rank meets, all ranks stop on
         error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
         msgs: List[Optional[str]] = [None] * dist.get_world_size()

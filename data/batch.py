@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 # Reader counters carried by each Batch (kept on the host), in this order.
-COUNTERS = ("dense_filled", "dense_nonfinite", "ids_remapped", "ids_null", "rows")
+COUNTERS = ("dense_filled", "dense_nonfinite", "ids_remapped", "ids_null", "rows", "ids_hashed")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import itertools
 import logging
 import math
@@ -24,7 +23,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,94 +33,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import COUNTERS, Batch
+from data.errors import DataError
+from data.footers import Footers, id_value_type, is_string_like, read_footers
+from data.hashing import hash_ids, hash_strings
+from data.storage import open_parquet
 from data.schema import DataConfig
+from data.transforms import FittedTransforms, fit, needs_sample
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and column at fault."""
-
-
-def resolve_files(patterns: Sequence[str]) -> List[str]:
-    """Files, directories (every *.parquet below) or globs -> sorted, de-duplicated paths."""
-    if not patterns:
-        raise DataError("no input files configured (data.train / data.eval is empty)")
-    files: List[str] = []
-    for pat in patterns:
-        if os.path.isdir(pat):
-            found = sorted(str(p) for p in Path(pat).rglob("*.parquet"))
-        elif any(ch in pat for ch in "*?["):
-            found = sorted(glob.glob(pat, recursive=True))
-        else:
-            found = [pat] if os.path.isfile(pat) else []
-        if not found:
-            raise DataError(f"{pat}: no such Parquet file (or the directory/glob matched nothing)")
-        files.extend(found)
-    return sorted(set(files))
-
-
-def _check_type(path: str, column: str, tp: pa.DataType, role: str) -> None:
-    if role == "sparse":
-        ok = pa.types.is_integer(tp) or (
-            (pa.types.is_list(tp) or pa.types.is_large_list(tp)) and pa.types.is_integer(tp.value_type))
-        want = "an integer or list<integer> column (hash string ids upstream)"
-    elif role == "dense":
-        ok = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
-        want = "a numeric column"
-    else:
-        ok = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
-        want = "a numeric 0/1 label column"
-    if not ok:
-        raise DataError(f"{path}: column {column!r} ({role}) has type {tp}; expected {want}")
-
-
-@dataclass
-class LabelFooters:
-    """Per task, what the Parquet footer statistics say of its labels (-1: a footer lacks them).
-    labelled: rows minus nulls (NaN labels, also unlabelled, are not counted by footers);
-    positive: 1 if some row group's maximum is > 0, 0 if every maximum is 0."""
-    labelled: List[int]
-    positive: List[int]
-
-
-def validate_files(files: Sequence[str], cfg: DataConfig, labels: Optional[LabelFooters] = None) -> List[int]:
-    """Checks every file's schema against the config; returns rows per row group, flattened
-    in (file, row group) order, and fills `labels` from the footers' statistics. Reads only
-    the footers."""
-    rows: List[int] = []
-    for path in files:
-        try:
-            meta = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: cannot read as Parquet: {e}") from e
-        schema = meta.schema_arrow
-        wanted = [(f.column, "sparse") for f in cfg.sparse] + [(c, "dense") for c in cfg.dense] + [
-            (t.column, "label") for t in cfg.tasks]
-        for column, role in wanted:
-            if schema.get_field_index(column) < 0:
-                raise DataError(f"{path}: missing column {column!r} ({role}); "
-                                f"the file has: {', '.join(schema.names)}")
-            _check_type(path, column, schema.field(column).type, role)
-        rows.extend(meta.metadata.row_group(i).num_rows for i in range(meta.num_row_groups))
-        if labels is not None:
-            _label_footers(meta, cfg, labels)
-    return rows
-
-
-def _label_footers(meta: pq.ParquetFile, cfg: DataConfig, out: LabelFooters) -> None:
-    md = meta.metadata
-    for m, task in enumerate(cfg.tasks):
-        j = meta.schema_arrow.get_field_index(task.column)
-        for i in range(md.num_row_groups):
-            rows, st = md.row_group(i).num_rows, md.row_group(i).column(j).statistics
-            nulls = st.null_count if st is not None and st.has_null_count else None
-            out.labelled[m] = -1 if nulls is None or out.labelled[m] < 0 else out.labelled[m] + rows - nulls
-            if st is not None and st.has_min_max:
-                out.positive[m] = 1 if st.max > 0 else out.positive[m]
-            elif nulls != rows and out.positive[m] == 0:  # values but no statistics: unknown
-                out.positive[m] = -1
 
 
 def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List[int]]:
@@ -142,14 +61,6 @@ def batches_per_rank(unit_rows: Sequence[int], world_size: int, num_workers: int
     nw = max(num_workers, 1)
     per_reader = rows_per_reader(unit_rows, world_size, nw)
     return [sum(math.ceil(per_reader[r * nw + w] / batch_size) for w in range(nw)) for r in range(world_size)]
-
-
-def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
-    """Deterministic map of arbitrary int64 ids into [0, num_embeddings): a Fibonacci
-    multiplicative hash (x * 0x9E3779B97F4A7C15 mod 2^64, xor-folded by 32 bits), then modulo."""
-    h = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    h ^= h >> np.uint64(32)
-    return (h % np.uint64(num_embeddings)).astype(np.int64)
 
 
 @dataclass
@@ -188,6 +99,17 @@ class Chunk:
         return Chunk(self.dense.copy(), self.labels.copy(), self.mask.copy(), self.lengths.copy(),
                      [v.copy() for v in self.values], self.counters.copy(), self.offsets.copy())
 
+    def take(self, idx: np.ndarray) -> "Chunk":
+        """Rows `idx` [n], in that order (a copy)."""
+        lengths = self.lengths[:, idx]  # [F, n]
+        values = []
+        for f, v in enumerate(self.values):
+            n_f = lengths[f]
+            out_start = np.cumsum(n_f) - n_f  # where each row's ids go in the output
+            src = np.repeat(self.offsets[f, idx] - self.offsets[f, 0] - out_start, n_f) + np.arange(n_f.sum())
+            values.append(v[src])
+        return Chunk(self.dense[idx], self.labels[idx], self.mask[idx], lengths, values, self.counters.copy())
+
     @staticmethod
     def concat(a: "Chunk", b: "Chunk") -> "Chunk":
         return Chunk(np.concatenate([a.dense, b.dense]), np.concatenate([a.labels, b.labels]),
@@ -221,19 +143,17 @@ def batch_windows(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
 class ChunkDecoder:
     """Arrow table of one row group -> Chunk, validating as it goes."""
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, transforms: FittedTransforms):
+        self.cfg, self.transforms = cfg, transforms
 
     def decode(self, table: pa.Table, path: str, rg: int) -> Chunk:
         counters = np.zeros(len(COUNTERS), np.int64)
         counters[COUNTERS.index("rows")] = table.num_rows
         dense = _as_float_matrix(table, self.cfg.dense)  # [R, D], NaN where null
-        nan = np.isnan(dense)  # nulls and NaN values alike: filled and counted
-        filled = int(np.count_nonzero(nan))
-        if filled:
-            dense[nan] = self.cfg.dense_fill
-            counters[COUNTERS.index("dense_filled")] = filled
-        self._nonfinite(dense, table, path, rg, counters)
+        self._nonfinite(dense, table, path, rg, counters)  # +-inf: an error, or NaN (filled, counted)
+        # nulls and NaN values alike are filled after the transform, and counted
+        counters[COUNTERS.index("dense_filled")] = self.transforms.apply(dense) - counters[
+            COUNTERS.index("dense_nonfinite")]
         labels, mask = self._labels(table, path, rg)
         lengths, values, offsets = [], [], []
         for f in self.cfg.sparse:
@@ -248,17 +168,17 @@ class ChunkDecoder:
     def _nonfinite(self, dense: np.ndarray, table: pa.Table, path: str, rg: int, counters: np.ndarray) -> None:
         """+-inf (also a float64 beyond float32's range, which the cast made inf): one such value
         makes every loss NaN from the first step, so it is an error, or filled and counted."""
-        if np.isfinite(dense.sum(dtype=np.float64)):  # one reduction (float64: finite float32 sums never overflow)
+        inf = np.isinf(dense)  # (NaN is a null here: filled after the transform)
+        if not inf.any():
             return
-        inf = np.isinf(dense)
         if self.cfg.nonfinite == "error":
             row, j = (int(i) for i in np.argwhere(inf)[0])
             name = self.cfg.dense[j]
             raise DataError(f"{path}: dense column {name!r} has value {table.column(name)[row].as_py()!r} "
                             f"(row {row} of row group {rg}), not finite in float32 "
                             f"({int(inf.sum())} such values in this row group); "
-                            f"data.nonfinite = 'fill' replaces them by dense_fill and counts them")
-        dense[inf] = self.cfg.dense_fill
+                            f"data.nonfinite = 'fill' replaces them by the column's fill and counts them")
+        dense[inf] = np.nan  # the column's fill, after the transform
         counters[COUNTERS.index("dense_nonfinite")] += int(inf.sum())
 
     def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -287,15 +207,28 @@ class ChunkDecoder:
             flat = arr.flatten()
             if flat.null_count:
                 raise DataError(f"{path}: column {name!r} has a null id inside a list")
-            ids = flat.to_numpy().astype(np.int64, copy=False)
         elif arr.null_count == 0:  # one id per row: shared constants (the Chunk stacks copies)
             lengths, offsets = _single_id_layout(len(arr))
-            ids = arr.to_numpy().astype(np.int64, copy=False)
+            flat = arr
         else:
             valid = arr.is_valid().to_numpy(zero_copy_only=False)
             lengths = valid.astype(np.int32)
             counters[COUNTERS.index("ids_null")] += int((~valid).sum())
-            ids = arr.drop_null().to_numpy().astype(np.int64)
+            flat = arr.drop_null()
+        ids = self._ids(flat, n, path, name, counters)
+        if offsets is None:
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return lengths, ids, offsets
+
+    def _ids(self, flat: pa.Array, n: int, path: str, name: str, counters: np.ndarray) -> np.ndarray:
+        """Id values (no nulls) -> table rows [L] int64: strings hashed (see data.hashing),
+        integers kept, or remapped when outside [0, n) under id_policy = "hash"."""
+        if is_string_like(id_value_type(flat.type)):
+            counters[COUNTERS.index("ids_hashed")] += len(flat)
+            return hash_strings(flat, n)
+        if pa.types.is_dictionary(flat.type):  # dictionary-encoded integers
+            flat = flat.dictionary_decode()
+        ids = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         if len(ids) and (ids.min() < 0 or ids.max() >= n):  # two reductions; masks only if needed
             out = (ids < 0) | (ids >= n)
             if self.cfg.id_policy == "error":
@@ -304,9 +237,7 @@ class ChunkDecoder:
             ids = ids.copy()  # never write into Arrow's buffers
             ids[out] = hash_ids(ids[out], n)
             counters[COUNTERS.index("ids_remapped")] += int(out.sum())
-        if offsets is None:
-            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        return lengths, ids, offsets
+        return ids
 
 
 @functools.lru_cache(maxsize=8)
@@ -344,37 +275,42 @@ def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
 
 
 class ParquetBatches(IterableDataset):
-    """One rank's share of the files, as Chunks of batch_size rows (the last one may be
-    shorter); DataLoader workers split it further. `chunk_to_batch` makes them Batches.
+    """One rank's share of the (file, row group) units for one epoch, as Chunks of batch_size
+    rows (the last one may be shorter); DataLoader workers split it further. `chunk_to_batch`
+    makes them Batches.
+
+    Shuffling (`shuffle`, seeded by data.shuffle_seed, the epoch and the reader) permutes the
+    order of each reader's units every epoch, and a shuffle buffer permutes rows within
+    windows of `shuffle_buffer` rows. Which units a reader gets never changes, so every
+    rank's batch count still follows from the footers and a resumed run finds its position.
 
     Files are opened inside `__iter__` (i.e. in the worker process), never in the parent:
     pyarrow's thread pools do not survive a fork.
     """
 
-    def __init__(self, files: Sequence[str], unit_rows: Sequence[int], cfg: DataConfig,
-                 rank: int, world_size: int):
-        self.files, self.cfg, self.rank, self.world_size = list(files), cfg, rank, world_size
-        self.unit_rows = list(unit_rows)
+    def __init__(self, units: Sequence[Tuple[str, int]], cfg: DataConfig, rank: int, world_size: int,
+                 epoch: int = 0, shuffle: bool = False, transforms: Optional[FittedTransforms] = None):
+        self.units, self.cfg, self.rank, self.world_size = list(units), cfg, rank, world_size
+        self.epoch, self.shuffle, self.transforms = epoch, shuffle, transforms
         self.keys = [f.name for f in cfg.sparse]
         self.columns = sorted({f.column for f in cfg.sparse} | set(cfg.dense) | {t.column for t in cfg.tasks})
 
-    def _units(self) -> List[Tuple[str, int]]:
-        """(file, row group) pairs in global order."""
-        out = []
-        for path in self.files:
-            n = pq.ParquetFile(path).num_row_groups
-            out.extend((path, i) for i in range(n))
-        return out
+    def _order(self, reader: int, nw: int) -> Tuple[List[int], Optional[np.random.Generator]]:
+        mine = assign_units(len(self.units), self.world_size, nw)[reader]
+        if not self.shuffle:
+            return mine, None
+        rng = np.random.default_rng([self.cfg.shuffle_seed, self.epoch, reader])
+        return [mine[i] for i in rng.permutation(len(mine))], rng
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         nw = self.cfg.num_workers if info is not None else 1
         worker = info.id if info is not None else 0
-        units = self._units()
-        if len(units) != len(self.unit_rows):
-            raise DataError("input files changed since they were validated")
-        mine = assign_units(len(units), self.world_size, nw)[self.rank * nw + worker]
-        batches = batch_windows(self._decoded([units[u] for u in mine]), self.cfg.batch_size)
+        mine, rng = self._order(self.rank * nw + worker, nw)
+        chunks = self._decoded([self.units[u] for u in mine])
+        if rng is not None and self.cfg.shuffle_buffer > 0:
+            chunks = shuffle_rows(chunks, self.cfg.shuffle_buffer, rng)
+        batches = batch_windows(chunks, self.cfg.batch_size)
         if info is None:
             yield from batches  # views are fine in-process
             return
@@ -387,17 +323,33 @@ class ParquetBatches(IterableDataset):
             yield WorkerFailure(str(e))
 
     def _decoded(self, units: List[Tuple[str, int]]) -> Iterator[Chunk]:
-        decoder = ChunkDecoder(self.cfg)
+        decoder = ChunkDecoder(self.cfg, self.transforms)
         handles: Dict[str, pq.ParquetFile] = {}
         for path, rg in units:
             try:
                 if path not in handles:
                     handles.clear()  # keep one file open at a time
-                    handles[path] = pq.ParquetFile(path)
+                    handles[path] = open_parquet(path)
                 table = handles[path].read_row_group(rg, columns=self.columns)
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
             yield decoder.decode(table, path, rg)
+
+
+def shuffle_rows(chunks: Iterator[Chunk], window: int, rng: np.random.Generator) -> Iterator[Chunk]:
+    """Chunks gathered into windows of >= `window` rows, each permuted as a whole."""
+    pending: List[Chunk] = []
+    rows = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        rows += chunk.rows
+        if rows >= window:
+            whole = functools.reduce(Chunk.concat, pending)
+            yield whole.take(rng.permutation(whole.rows))
+            pending, rows = [], 0
+    if pending:
+        whole = functools.reduce(Chunk.concat, pending)
+        yield whole.take(rng.permutation(whole.rows))
 
 
 def _die_with_parent(parent: int, _worker_id: int) -> None:
@@ -422,16 +374,46 @@ def _as_is(chunk: Chunk) -> Chunk:
     return chunk
 
 
+def sample_dense(footers: Footers, cfg: DataConfig) -> np.ndarray:
+    """Raw dense values [N, D] (NaN where null) of up to cfg.stats_row_groups training row
+    groups, spread evenly over the units (for the transforms' statistics)."""
+    units = footers.units
+    picks = sorted({int(i) for i in np.linspace(0, len(units) - 1, min(cfg.stats_row_groups, len(units)))})
+    parts = [np.zeros((0, len(cfg.dense)), np.float32)]
+    for i in picks:
+        path, rg = units[i]
+        try:
+            table = open_parquet(path).read_row_group(rg, columns=list(cfg.dense))
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
+        parts.append(_as_float_matrix(table, cfg.dense))
+    return np.concatenate(parts)
+
+
+def fit_transforms(footers: Footers, cfg: DataConfig) -> FittedTransforms:
+    """The dense transforms of a run, fitted on its training split (reads a sample only if needed)."""
+    args = (cfg.dense, cfg.transform, cfg.dense_transform, cfg.dense_fill)
+    needed = needs_sample(*args, footers.ranges) and footers.units
+    sample = sample_dense(footers, cfg) if needed else np.zeros((0, len(cfg.dense)), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return fit(*args, sample, footers.ranges)
+
+
 class DataSource:
     """A split (train or eval) as seen by one rank: validated files, the per-rank batch
     counts, and epochs of exactly `steps_per_epoch` batches (padded, see Batch.padding)."""
 
     def __init__(self, patterns: Sequence[str], cfg: DataConfig, rank: int, world_size: int,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, footers: Optional[Footers] = None,
+                 transforms: Optional[FittedTransforms] = None, shuffle: bool = False):
+        """`footers` (read here if not given: a distributed run reads them on one rank);
+        `transforms` (fitted on this split if not given: eval takes the training split's)."""
         self.cfg, self.rank, self.world_size, self.pin_memory = cfg, rank, world_size, pin_memory
-        self.files = resolve_files(patterns)
-        self.label_footers = LabelFooters([0] * len(cfg.tasks), [0] * len(cfg.tasks))
-        self.unit_rows = validate_files(self.files, cfg, self.label_footers)
+        self.footers = footers if footers is not None else read_footers(patterns, cfg)
+        self.transforms = transforms if transforms is not None else fit_transforms(self.footers, cfg)
+        self.shuffle = shuffle
+        self.files, self.label_footers = self.footers.files, self.footers.labels
+        self.unit_rows = self.footers.unit_rows
         self.rank_batches = batches_per_rank(self.unit_rows, world_size, cfg.num_workers, cfg.batch_size)
         self.steps_per_epoch = max(self.rank_batches)
         self.rows = sum(self.unit_rows)
@@ -440,14 +422,15 @@ class DataSource:
         self.rank_rows = [sum(per_reader[r * nw:(r + 1) * nw]) for r in range(world_size)]
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64)  # summed as batches are read
 
-    def dataset(self) -> ParquetBatches:
-        return ParquetBatches(self.files, self.unit_rows, self.cfg, self.rank, self.world_size)
+    def dataset(self, epoch: int = 0) -> ParquetBatches:
+        return ParquetBatches(self.footers.units, self.cfg, self.rank, self.world_size, epoch, self.shuffle,
+                              self.transforms)
 
-    def batches(self, num_workers: int) -> Iterator[Batch]:
+    def batches(self, num_workers: int, epoch: int = 0) -> Iterator[Batch]:
         """This rank's real batches for one epoch, read by `num_workers` DataLoader workers."""
         keys = [f.name for f in self.cfg.sparse]
-        chunks = iter(self.dataset()) if num_workers == 0 else DataLoader(
-            self.dataset(), batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
+        chunks = iter(self.dataset(epoch)) if num_workers == 0 else DataLoader(
+            self.dataset(epoch), batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
             worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
         for chunk in chunks:
             if isinstance(chunk, WorkerFailure):
@@ -455,10 +438,11 @@ class DataSource:
             batch = chunk_to_batch(chunk, keys)
             yield batch.pin_memory() if self.pin_memory else batch
 
-    def epoch(self) -> Iterator[Batch]:
-        """This rank's batches for one epoch, then padding batches up to steps_per_epoch."""
+    def epoch(self, number: int = 0) -> Iterator[Batch]:
+        """This rank's batches for epoch `number` (its shuffle), then padding batches up to
+        steps_per_epoch."""
         n = 0
-        for batch in self.batches(self.cfg.num_workers):
+        for batch in self.batches(self.cfg.num_workers, number):
             n += 1
             self.counters += batch.counters
             yield batch

@@ -10,21 +10,24 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from data.batch import COUNTERS
-from data.reader import ChunkDecoder, DataError, resolve_files, validate_files
+from data.errors import DataError
+from data.footers import read_footers
+from data.reader import ChunkDecoder
 from data.schema import DataConfig
+from data.storage import open_parquet
+from data.transforms import FittedTransforms
 
 
-def _scan_unit(args: Tuple[DataConfig, str, int]) -> Tuple[str, np.ndarray, np.ndarray]:
+def _scan_unit(args: Tuple[DataConfig, FittedTransforms, str, int]) -> Tuple[str, np.ndarray, np.ndarray]:
     """One row group -> (error message or "", counters [C], label counts [2, M])."""
-    cfg, path, rg = args
+    cfg, transforms, path, rg = args
     columns = sorted({f.column for f in cfg.sparse} | set(cfg.dense) | {t.column for t in cfg.tasks})
     labels = np.zeros((2, len(cfg.tasks)), np.int64)
     try:
-        table = pq.ParquetFile(path).read_row_group(rg, columns=columns)
-        chunk = ChunkDecoder(cfg).decode(table, path, rg)
+        table = open_parquet(path).read_row_group(rg, columns=columns)
+        chunk = ChunkDecoder(cfg, transforms).decode(table, path, rg)
     except DataError as e:
         return str(e), np.zeros(len(COUNTERS), np.int64), labels
     except OSError as e:
@@ -34,11 +37,12 @@ def _scan_unit(args: Tuple[DataConfig, str, int]) -> Tuple[str, np.ndarray, np.n
     return "", chunk.counters, labels
 
 
-def scan(cfg: DataConfig, patterns: Sequence[str], workers: int) -> Dict:
-    """{files, row_groups, errors: [...], counters: {...}, tasks: {name: {labelled, positive}}}."""
-    files = resolve_files(patterns)
-    validate_files(files, cfg)  # schemas: the first bad file stops here, naming it
-    units = [(cfg, f, rg) for f in files for rg in range(pq.ParquetFile(f).num_row_groups)]
+def scan(cfg: DataConfig, patterns: Sequence[str], workers: int, transforms: FittedTransforms) -> Dict:
+    """{files, row_groups, errors: [...], counters: {...}, tasks: {name: {labelled, positive}}}.
+    `transforms`: the training split's (see data.reader.fit_transforms)."""
+    footers = read_footers(patterns, cfg)  # schemas: the first bad file stops here, naming it
+    files = footers.files
+    units = [(cfg, transforms, f, rg) for f, rg in footers.units]
     errors: List[str] = []
     counters = np.zeros(len(COUNTERS), np.int64)
     labels = np.zeros((2, len(cfg.tasks)), np.int64)

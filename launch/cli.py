@@ -24,7 +24,7 @@ from launch.quiet import silence_benign
 
 silence_benign()  # before the imports below: fbgemm logs a known-benign warning when imported
 
-from data.reader import DataError  # noqa: E402
+from data.errors import DataError  # noqa: E402
 from launch.config import ConfigError, load_config  # noqa: E402
 from launch.jobs import launch  # noqa: E402
 from trainer.errors import RunError  # noqa: E402
@@ -177,11 +177,14 @@ def cmd_bench_data(args) -> int:
 
 def cmd_validate(args) -> int:
     """Scans every row group of data.train and data.eval; exit 2 if any is bad."""
+    from data.footers import read_footers
+    from data.reader import fit_transforms
     from data.validate import problems, scan
     cfg = load_config(args.config, args.set)
+    transforms = fit_transforms(read_footers(cfg.data.train, cfg.data), cfg.data)
     bad = 0
     for split, patterns in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        result = scan(cfg.data, patterns, args.workers)
+        result = scan(cfg.data, patterns, args.workers, transforms)
         print(f"data.{split}: {result['files']} files, {result['row_groups']} row groups, "
               f"{result['counters']['rows']} rows; counters {json.dumps(result['counters'])}")
         for name, c in result["tasks"].items():

@@ -54,8 +54,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if origin in (dict, Dict) and not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, value_tp = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(value_tp, v, f"{where}.{k}") for k, v in value.items()}
     return value
 
 

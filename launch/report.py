@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.reader import resolve_files
+from data.storage import resolve_files
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from data.batch import COUNTERS, Batch
-from data.reader import DataSource
+from data.footers import Footers, read_footers
+from data.reader import DataSource, fit_transforms
+from data.transforms import FittedTransforms
 
 from trainer import checkpoint, identity
 from trainer.build import build_train_module, build_training, init_distributed
@@ -26,11 +28,12 @@ from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished, CheckpointError, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
-from trainer.preflight import agreed, check_data, check_disk, check_writable
+from trainer.preflight import agreed, check_data, check_disk, check_writable, on_main
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
+STATS_FILE = "dense_stats.json"  # the dense transforms' fitted numbers, kept for eval and resume
 
 
 def batch_stream(src: DataSource, start_step: int) -> Iterator[Batch]:
@@ -38,7 +41,7 @@ def batch_stream(src: DataSource, start_step: int) -> Iterator[Batch]:
     src.steps_per_epoch batches on every rank, so the position follows from the step)."""
     epoch, skip = divmod(start_step, src.steps_per_epoch)
     for e in itertools.count(epoch):
-        it = src.epoch()
+        it = src.epoch(e)
         yield from itertools.islice(it, skip if e == epoch else 0, None)
 
 
@@ -120,7 +123,7 @@ def _prepare(cfg, env) -> Run:
     """Checks (agreed across ranks) -> data sources -> model, DMP, pipeline -> resume point."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
     ckpts = CheckpointDir(out / "checkpoints", tcfg.keep_checkpoints)
-    train_src, eval_src = agreed(lambda: _sources(cfg, env))
+    train_src, eval_src = _sources(cfg, env, ckpts)
     total = tcfg.max_steps or tcfg.epochs * train_src.steps_per_epoch
     agreed(lambda: (check_writable(out), check_writable(ckpts.root, "checkpoint directory", CheckpointError),
                     check_data(train_src, eval_src, tasks), ckpts.remove_incomplete()))
@@ -131,6 +134,7 @@ def _prepare(cfg, env) -> Run:
     ckpt = agreed(lambda: _resume_point(cfg, out, ckpts, ident, total))
     if env.is_main:  # after every rank has read the old one (agreed() gathers)
         identity.save(out, ident)
+        identity.write_atomic(out / STATS_FILE, json.dumps(train_src.transforms.to_dict(), indent=1))
     step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
     if tcfg.checkpoint_every or tcfg.checkpoint_at_end:
         agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
@@ -169,10 +173,24 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
     return step, t_train
 
 
-def _sources(cfg, env) -> Tuple[DataSource, DataSource]:
+def _sources(cfg, env, ckpts: CheckpointDir) -> Tuple[DataSource, DataSource]:
+    """Both splits' footers and the dense transforms, read and fitted on rank 0 only and
+    broadcast; a run that resumes takes the transforms it was trained with (OUT/dense_stats.json)."""
+    def read() -> Tuple[Footers, Footers, FittedTransforms]:
+        train = read_footers(cfg.data.train, cfg.data)
+        saved = Path(cfg.trainer.out_dir) / STATS_FILE
+        if cfg.trainer.resume and ckpts.latest() is not None and saved.is_file():
+            transforms = FittedTransforms(**json.loads(saved.read_text()))
+        else:
+            transforms = fit_transforms(train, cfg.data)
+        return train, read_footers(cfg.data.eval, cfg.data), transforms
+
+    train, ev, transforms = on_main(read)
+    if env.is_main:
+        log.info("dense transforms: %s", transforms.describe())
     pin = env.device.type == "cuda"
-    return (DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin),
-            DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin))
+    return (DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms, cfg.data.shuffle),
+            DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms))
 
 
 def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:

@@ -14,7 +14,8 @@ from typing import Callable, List, Optional, TypeVar
 
 import torch.distributed as dist
 
-from data.reader import DataError, DataSource
+from data.errors import DataError
+from data.reader import DataSource
 from trainer.errors import AlreadyFinished, CheckpointError, NonFiniteError, RunError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,18 @@ def agreed(fn: Callable[[], T]) -> T:
                 error = AGREED_ERRORS.get(kind, RunError)(f"{text} (rank {first[0]})")
     if error is not None:
         raise error
+    return result
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() on rank 0 only, its result broadcast to every rank: work a job needs done once
+    (footers, statistics), not once per rank. A failure there fails every rank (`agreed`)."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    result = agreed(lambda: fn() if main else None)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
     return result
 
 

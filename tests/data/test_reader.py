@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from data.batch import COUNTERS
-from data.reader import DataError, DataSource, batches_per_rank, hash_ids
+from data.errors import DataError
+from data.hashing import hash_ids
+from data.reader import DataSource, batches_per_rank
 from data.schema import DataConfig, SparseFeature, Task
 
 
@@ -26,7 +28,8 @@ def write(path, n, start=0, row_group_size=7, **overrides):
 
 def config(files, **kw):
     base = dict(train=[str(f) for f in files], sparse=[SparseFeature("uid", 50), SparseFeature("hist", 13)],
-                dense=["row_id", "x"], tasks=[Task("click"), Task("cvr")], batch_size=8, num_workers=2)
+                dense=["row_id", "x"], tasks=[Task("click"), Task("cvr")], batch_size=8, num_workers=2,
+                dense_transform="none", dense_fill=0.0)  # raw values: row_id names the row
     base.update(kw)
     return DataConfig(**base)
 
@@ -98,7 +101,7 @@ def test_hash_policy_remaps_and_counts(tmp_path):
 @pytest.mark.parametrize("column,value,match", [
     ("uid", pa.array([1, 2, 3, 77] + [0] * 6, pa.int64()), "column 'uid' has id 77 outside"),
     ("click", pa.array([0, 1, 2, 0, 0, 0, 0, 0, 0, 0], pa.int8()), "label column 'click' has value 2"),
-    ("uid", pa.array(["a"] * 10), "column 'uid' .* has type string"),
+    ("uid", pa.array([0.5] * 10), "column 'uid' .* has type double"),
     ("x", pa.array(["a"] * 10), "column 'x' .* has type string"),
 ])
 def test_bad_input_names_file_and_column(tmp_path, column, value, match):

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.reader import resolve_files
+from data.storage import resolve_files
 
 
 def test_synthetic_dataset_structure(tiny_synth):

@@ -3,13 +3,15 @@ from tests.trainer.test_checks import _dataset
 
 
 def test_validate_reports_every_bad_row_group(tmp_path):
+    from data.footers import read_footers
+    from data.reader import fit_transforms
     from data.validate import problems, scan
     d0 = [0.5] * 200
     d0[10] = float("inf")  # row group 0
     labels = [0] * 200
     labels[120] = 7  # row group 2
     cfg = _dataset(tmp_path, d0, labels)
-    result = scan(cfg, cfg.train, workers=2)
+    result = scan(cfg, cfg.train, workers=2, transforms=fit_transforms(read_footers(cfg.train, cfg), cfg))
     assert result["row_groups"] == 4 and len(result["errors"]) == 2
     assert "row group 0" in result["errors"][0] and "'d0'" in result["errors"][0]
     assert "has value 7 (row 20 of row group 2)" in result["errors"][1]

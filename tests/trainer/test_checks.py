@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.reader import DataError, DataSource
+from data.errors import DataError
+from data.reader import DataSource
 from data.schema import DataConfig, SparseFeature, Task
 from launch.config import ConfigError, load_config
 from trainer import identity

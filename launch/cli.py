@@ -6,6 +6,7 @@
     mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
     mbrec report RUN_DIR...             results table, report.md and plots of finished runs
     mbrec validate CONFIG               scan every row group of the data once, report every error
+    mbrec schema PATH...                draft a [data] section from Parquet logs (footers + a sample)
     mbrec plan CONFIG --nodes N --gpus-per-node G   sharding plan and memory per GPU, simulated
 
 Every command takes `--set section.key=value` overrides (TOML values; bare words are strings).
@@ -198,6 +199,13 @@ def cmd_validate(args) -> int:
     return 2 if bad else 0
 
 
+def cmd_schema(args) -> int:
+    """Prints a [data] section drafted from the files (local paths, URIs, directories, globs)."""
+    from data.draft import draft
+    print(draft(args.paths), end="")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """The sharding plan and memory per GPU on a simulated topology (no GPU needed)."""
     from trainer.plan import format_report, simulate
@@ -272,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="also time the reader with this many workers")
     sp.add_argument("--rounds", type=int, default=2)
     sp.add_argument("--out", default="runs/bench/bench_data.json")
+    sp = sub.add_parser("schema", help="draft a [data] section from Parquet logs")
+    sp.add_argument("paths", nargs="+", help="files, directories, globs or URIs (s3://...)")
+    sp.set_defaults(fn=cmd_schema)
     sp = sub.add_parser("report")
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")

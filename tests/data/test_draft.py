@@ -1,0 +1,53 @@
+"""`mbrec schema`: raw logs (string ids, raw numerics, 0/1 labels) -> a [data] section that
+loads and trains as drafted."""
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.draft import table_rows
+
+
+def raw_logs(path, n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, 500, n)
+    pq.write_table(pa.table({
+        "user": pa.array([f"user-{u}" for u in user]),
+        "item_id": rng.integers(0, 10**9, n),
+        "hist": pa.array([[f"i{j}" for j in rng.integers(0, 50, k)] for k in rng.integers(0, 4, n)]),
+        "price": rng.lognormal(4, 2, n),
+        "year": rng.integers(1990, 2021, n),
+        "score": rng.normal(0, 1, n),
+        "click": (rng.random(n) < 0.2).astype(np.int8),
+        "like": pa.array((rng.random(n) < 0.05).astype(np.int8), mask=rng.random(n) < 0.3),
+        "note": pa.array([{"a": 1}] * n),
+    }), path, row_group_size=1000)
+
+
+def test_table_rows_estimates():
+    assert table_rows(100, 10_000, 10**6) == 250  # a vocabulary mostly seen: x1.25, x2
+    assert table_rows(9_000, 10_000, 10**6) == 1_800_000  # mostly new ids: extrapolated
+    assert table_rows(10**7, 10**7, 10**12) == 50_000_000  # capped
+
+
+def test_schema_drafts_a_config_that_trains(tmp_path):
+    (tmp_path / "logs").mkdir()
+    raw_logs(tmp_path / "logs" / "a.parquet")
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "schema", str(tmp_path / "logs")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = tomllib.loads(out.stdout)["data"]
+    assert data["dense"] == ["price", "year", "score"]
+    assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist"]
+    assert [t["name"] for t in data["tasks"]] == ["click", "like"]
+    assert "# not used: note" in out.stdout and "auto = log1p + standardize" in out.stdout
+    cfg = tmp_path / "drafted.toml"
+    cfg.write_text(out.stdout + f'[trainer]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 6\nlog_every = 3\n'
+                   'progress_bar = false\n')
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "--set", "data.batch_size=256"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -377,17 +378,54 @@ def _as_is(chunk: Chunk) -> Chunk:
 def sample_dense(footers: Footers, cfg: DataConfig) -> np.ndarray:
     """Raw dense values [N, D] (NaN where null) of up to cfg.stats_row_groups training row
     groups, spread evenly over the units (for the transforms' statistics)."""
-    units = footers.units
-    picks = sorted({int(i) for i in np.linspace(0, len(units) - 1, min(cfg.stats_row_groups, len(units)))})
     parts = [np.zeros((0, len(cfg.dense)), np.float32)]
-    for i in picks:
-        path, rg = units[i]
+    for path, rg in _sample_units(footers, cfg):
         try:
             table = open_parquet(path).read_row_group(rg, columns=list(cfg.dense))
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
         parts.append(_as_float_matrix(table, cfg.dense))
     return np.concatenate(parts)
+
+
+def _sample_units(footers: Footers, cfg: DataConfig) -> List[Tuple[str, int]]:
+    units = footers.units
+    picks = sorted({int(i) for i in np.linspace(0, len(units) - 1, min(cfg.stats_row_groups, len(units)))})
+    return [units[i] for i in picks] if units else []
+
+
+def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
+    """Per sparse feature, from the sampled training row groups: distinct ids seen, the table's
+    rows, and the share of those ids expected to share a row with another (hashing D distinct
+    ids into n rows occupies n (1 - exp(-D / n)) rows). Ids in [0, n) map to themselves and never
+    collide. D is a lower bound of the whole split's distinct ids, so the share is one too.
+    Warns when a table looks too small (over 20 % of ids colliding)."""
+    out: Dict[str, Dict[str, float]] = {}
+    columns = sorted({f.column for f in cfg.sparse})
+    tables = []
+    for path, rg in _sample_units(footers, cfg):
+        try:
+            tables.append(open_parquet(path).read_row_group(rg, columns=columns))
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
+    for f in cfg.sparse:
+        ids = pa.chunked_array([c for t in tables for c in t.column(f.column).chunks], footers_type(tables, f.column))
+        flat = pc.list_flatten(ids) if pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type) else ids
+        distinct = pc.count_distinct(flat).as_py() if len(flat) else 0
+        n = f.num_embeddings
+        lo_hi = pc.min_max(flat).as_py() if len(flat) and pa.types.is_integer(id_value_type(flat.type)) else None
+        in_range = lo_hi is not None and lo_hi["min"] is not None and lo_hi["min"] >= 0 and lo_hi["max"] < n
+        share = 0.0 if in_range or distinct == 0 else 1 - n * -math.expm1(-distinct / n) / distinct
+        out[f.name] = {"sampled_distinct_ids": distinct, "table_rows": n, "collision_share_at_least": round(share, 4)}
+        if share > 0.2:
+            log.warning("sparse feature %r: %d distinct ids in a sample of the training data for a table of %d "
+                        "rows: at least %.0f%% of them share a row with another id; consider num_embeddings >= %d",
+                        f.name, distinct, n, 100 * share, 2 * distinct)
+    return out
+
+
+def footers_type(tables: List[pa.Table], column: str) -> pa.DataType:
+    return tables[0].schema.field(column).type if tables else pa.int64()
 
 
 def fit_transforms(footers: Footers, cfg: DataConfig) -> FittedTransforms:
@@ -412,6 +450,7 @@ class DataSource:
         self.footers = footers if footers is not None else read_footers(patterns, cfg)
         self.transforms = transforms if transforms is not None else fit_transforms(self.footers, cfg)
         self.shuffle = shuffle
+        self.id_health: Dict[str, Dict[str, float]] = {}  # filled by the trainer (see id_health)
         self.files, self.label_footers = self.footers.files, self.footers.labels
         self.unit_rows = self.footers.unit_rows
         self.rank_batches = batches_per_rank(self.unit_rows, world_size, cfg.num_workers, cfg.batch_size)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.batch import COUNTERS, Batch
 from data.footers import Footers, read_footers
-from data.reader import DataSource, fit_transforms
+from data.reader import DataSource, fit_transforms, id_health
 from data.transforms import FittedTransforms
 
 from trainer import checkpoint, identity
@@ -176,21 +176,23 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
 def _sources(cfg, env, ckpts: CheckpointDir) -> Tuple[DataSource, DataSource]:
     """Both splits' footers and the dense transforms, read and fitted on rank 0 only and
     broadcast; a run that resumes takes the transforms it was trained with (OUT/dense_stats.json)."""
-    def read() -> Tuple[Footers, Footers, FittedTransforms]:
+    def read() -> Tuple[Footers, Footers, FittedTransforms, Dict]:
         train = read_footers(cfg.data.train, cfg.data)
         saved = Path(cfg.trainer.out_dir) / STATS_FILE
         if cfg.trainer.resume and ckpts.latest() is not None and saved.is_file():
             transforms = FittedTransforms(**json.loads(saved.read_text()))
         else:
             transforms = fit_transforms(train, cfg.data)
-        return train, read_footers(cfg.data.eval, cfg.data), transforms
+        return train, read_footers(cfg.data.eval, cfg.data), transforms, id_health(train, cfg.data)
 
-    train, ev, transforms = on_main(read)
+    train, ev, transforms, health = on_main(read)
     if env.is_main:
         log.info("dense transforms: %s", transforms.describe())
     pin = env.device.type == "cuda"
-    return (DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms, cfg.data.shuffle),
-            DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms))
+    train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms,
+                           cfg.data.shuffle)
+    train_src.id_health = health
+    return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms)
 
 
 def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:
@@ -218,7 +220,7 @@ def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: 
     return {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
             "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],
             "eval_files": eval_src.files, "eval": final, "train_reader": counters,
-            "eval_reader": _all_reduce_counters(eval_src, env.device),
+            "eval_reader": _all_reduce_counters(eval_src, env.device), "id_health": train_src.id_health,
             "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),
             "final_weights": balancer.stats()["weight"].tolist()}
 

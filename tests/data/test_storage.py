@@ -88,3 +88,6 @@ def test_two_ranks_train_from_s3_as_from_the_local_copy(s3, tiny_config, tmp_pat
     assert a[0]["eval"] == b[0]["eval"] == b[1]["eval"]  # exactly: same rows, same order
     assert a[0]["train_reader"] == b[0]["train_reader"]
     assert b[0]["eval_files"] == ["s3://logs/tiny/eval/part-00000.parquet"]
+    assert b[0]["id_health"] == a[0]["id_health"] and set(b[0]["id_health"]) == {
+        f["name"] for f in tiny_config["data"]["sparse"]}
+    assert (tmp_path / "remote" / "dense_stats.json").is_file()  # the transforms' numbers, for eval and resume

@@ -104,3 +104,18 @@ def test_a_resumed_stream_continues_the_shuffled_order(raw):
     whole = [b.dense_features[:, 0].tolist() for b in itertools.islice(batch_stream(src, 0), 150)]
     resumed = [b.dense_features[:, 0].tolist() for b in itertools.islice(batch_stream(src, 70), 80)]
     assert resumed == whole[70:]  # crosses the epoch boundary (63 steps per epoch)
+
+
+def test_id_health_flags_a_table_too_small(raw, caplog):
+    from data.footers import read_footers
+    from data.reader import id_health
+    path = raw[0]
+    pq.write_table(pa.table({"u": pa.array([f"user{i}" for i in range(3000)]), "v": np.arange(3000) % 50,
+                             "y": pa.array([0, 1] * 1500, pa.int8())}), path / "ids.parquet")
+    cfg = DataConfig(train=[str(path / "ids.parquet")], sparse=[SparseFeature("u", 300), SparseFeature("v", 50)],
+                     tasks=[Task("y")])
+    with caplog.at_level(logging.WARNING):
+        health = id_health(read_footers(cfg.train, cfg), cfg)
+    assert health["u"]["sampled_distinct_ids"] == 3000 and health["u"]["collision_share_at_least"] > 0.85
+    assert health["v"]["collision_share_at_least"] == 0.0  # ids within the table map to themselves
+    assert "sparse feature 'u': 3000 distinct ids" in caplog.text and "'v'" not in caplog.text

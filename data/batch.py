@@ -17,7 +17,9 @@ class Batch(Pipelineable):
     dense_features: torch.Tensor  # [B, D] float32
     sparse_features: KeyedJaggedTensor  # one key per sparse feature, B rows each
     labels: torch.Tensor  # [B, M] float32, 0 where unlabelled
-    label_mask: torch.Tensor  # [B, M] float32, 1 where the row is labelled for the task
+    # [B, M] float32: the row's weight in the task's loss and metrics; 0 where unlabelled, else
+    # 1, or the task's weight column
+    label_mask: torch.Tensor
     counters: torch.Tensor  # [len(COUNTERS)] int64, host side, never moved to the device
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":

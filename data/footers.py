@@ -45,7 +45,7 @@ def type_problem(column: str, tp: pa.DataType, role: str) -> Optional[str]:
     elif numeric:
         return None
     else:
-        want = "a numeric column" if role == "dense" else "a numeric label column"
+        want = {"dense": "a numeric column", "label": "a numeric label column"}.get(role, "a numeric column")
     return f"column {column!r} ({role}) has type {tp}; expected {want}"
 
 
@@ -76,7 +76,7 @@ class Footers:
 
 def _wanted(cfg: DataConfig) -> List[Tuple[str, str]]:
     return ([(f.column, "sparse") for f in cfg.sparse] + [(c, "dense") for c in cfg.dense]
-            + [(t.column, "label") for t in cfg.tasks])
+            + [(t.column, "label") for t in cfg.tasks] + [(t.weight, "weight") for t in cfg.tasks if t.weight])
 
 
 def _one_file(path: str, wanted: List[Tuple[str, str]]) -> Dict:

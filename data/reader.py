@@ -183,15 +183,30 @@ class ChunkDecoder:
         counters[COUNTERS.index("dense_nonfinite")] += int(inf.sum())
 
     def _labels(self, table: pa.Table, path: str, rg: int) -> Tuple[np.ndarray, np.ndarray]:
-        """-> labels [R, M] (0 where unknown), mask [R, M]; a null or NaN label is unknown."""
-        y = _as_float_matrix(table, [t.column for t in self.cfg.tasks])
+        """-> labels [R, M] (0 where unknown), weights [R, M] (0 where unknown: a null or NaN
+        label; else the task's weight column, 1 without one). Binary labels must be 0 or 1,
+        regression labels finite; weights finite and >= 0 (a null weight is 0)."""
+        tasks = self.cfg.tasks
+        y = _as_float_matrix(table, [t.column for t in tasks])
         known = ~np.isnan(y)
-        bad = known & (y != 0) & (y != 1)
+        binary = np.array([t.kind == "binary" for t in tasks])
+        bad = known & np.where(binary, (y != 0) & (y != 1), ~np.isfinite(y))
         if bad.any():
             row, m = (int(i) for i in np.argwhere(bad)[0])
-            raise DataError(f"{path}: label column {self.cfg.tasks[m].column!r} has value {float(y[row, m]):g} "
-                            f"(row {row} of row group {rg}); labels must be 0, 1 or null")
-        return np.where(known, y, np.float32(0.0)), known.astype(np.float32)
+            want = "0, 1 or null" if binary[m] else "finite or null (regression)"
+            raise DataError(f"{path}: label column {tasks[m].column!r} has value {float(y[row, m]):g} "
+                            f"(row {row} of row group {rg}); labels must be {want}")
+        weights = known.astype(np.float32)
+        for m, t in enumerate(tasks):
+            if t.weight:
+                w = _as_float_matrix(table, [t.weight])[:, 0]
+                wrong = ~np.isnan(w) & ~((w >= 0) & np.isfinite(w))
+                if wrong.any():
+                    row = int(np.argmax(wrong))
+                    raise DataError(f"{path}: weight column {t.weight!r} (task {t.name!r}) has value {float(w[row]):g} "
+                                    f"(row {row} of row group {rg}); weights must be finite and >= 0")
+                weights[:, m] *= np.nan_to_num(w, nan=0.0)
+        return np.where(known, y, np.float32(0.0)), weights
 
     def _sparse(self, col: pa.ChunkedArray, n: int, path: str, name: str,
                 counters: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,7 +309,7 @@ class ParquetBatches(IterableDataset):
         self.units, self.cfg, self.rank, self.world_size = list(units), cfg, rank, world_size
         self.epoch, self.shuffle, self.transforms = epoch, shuffle, transforms
         self.keys = [f.name for f in cfg.sparse]
-        self.columns = sorted({f.column for f in cfg.sparse} | set(cfg.dense) | {t.column for t in cfg.tasks})
+        self.columns = cfg.columns
 
     def _order(self, reader: int, nw: int) -> Tuple[List[int], Optional[np.random.Generator]]:
         mine = assign_units(len(self.units), self.world_size, nw)[reader]

@@ -23,7 +23,7 @@ from data.transforms import FittedTransforms
 def _scan_unit(args: Tuple[DataConfig, FittedTransforms, str, int]) -> Tuple[str, np.ndarray, np.ndarray]:
     """One row group -> (error message or "", counters [C], label counts [2, M])."""
     cfg, transforms, path, rg = args
-    columns = sorted({f.column for f in cfg.sparse} | set(cfg.dense) | {t.column for t in cfg.tasks})
+    columns = cfg.columns
     labels = np.zeros((2, len(cfg.tasks)), np.int64)
     try:
         table = open_parquet(path).read_row_group(rg, columns=columns)
@@ -32,8 +32,9 @@ def _scan_unit(args: Tuple[DataConfig, FittedTransforms, str, int]) -> Tuple[str
         return str(e), np.zeros(len(COUNTERS), np.int64), labels
     except OSError as e:
         return f"{path}: row group {rg}: cannot read: {e}", np.zeros(len(COUNTERS), np.int64), labels
-    labels[0] = chunk.mask.sum(0)
-    labels[1] = (chunk.labels * chunk.mask).sum(0)
+    labelled = chunk.mask > 0  # [R, M] (mask holds weights)
+    labels[0] = labelled.sum(0)
+    labels[1] = ((chunk.labels > 0) & labelled).sum(0)
     return "", chunk.counters, labels
 
 

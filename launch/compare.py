@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from launch.config import load_config
+from launch.report import binary_tasks
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def write_compare_report(out: Path) -> str:
             r["seed"] = int(seed_dir.parent.name[4:])
     if "equal" not in runs:
         raise ValueError(f"{out}: no finished equal-weights run to compare against")
-    tasks = [t["name"] for t in runs["equal"][0]["tasks"]]
+    tasks = binary_tasks(runs["equal"][0])
     tables = compare_tables(runs, tasks)
     plots = [plot_balancing(out / n / "seed0", tasks, out, n) for n in ("multibalance", "multibalance_noema")
              if (out / n / "seed0" / "metrics.jsonl").is_file()]

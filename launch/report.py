@@ -86,11 +86,15 @@ def plot_balancing(run: Path, tasks: List[str], out: Path, name: str = "") -> Op
     return path
 
 
+def binary_tasks(summary: Dict) -> List[str]:
+    return [t["name"] for t in summary["tasks"] if t.get("kind", "binary") == "binary"]
+
+
 def results_table(runs: List[Path]) -> tuple[List[str], List[List[str]], Dict]:
     summaries = {r.name: json.loads((r / "summary.json").read_text()) for r in runs}
     base = next((n for n, s in summaries.items() if s["method"] == "equal"), None)
     first = next(iter(summaries.values()))
-    tasks = [t["name"] for t in first["tasks"]]
+    tasks = binary_tasks(first)  # NE / AUC tables; regression tasks' MSE / MAE are in summary.json
     oracle = oracle_ne(first["eval_files"], first["tasks"])
     header = ["task"] + [f"NE {n}" for n in summaries] + [f"AUC {n}" for n in summaries]
     header += [f"NE gain {n} %" for n in summaries if base and n != base] + ["oracle NE"]
@@ -127,7 +131,7 @@ def write_report(runs: List[Path], out: Path) -> str:
     table = markdown_table(header, rows)
     with open(out / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
-    tasks = [t["name"] for t in next(iter(summaries.values()))["tasks"]]
+    tasks = binary_tasks(next(iter(summaries.values())))
     plots = [p for p in (plot_balancing(r, tasks, out) for r in runs) if p is not None]
     lines = ["# mbrec results", "", "Eval NE (lower is better) and AUC per task, across all ranks. "
              "NE gain = 100 (NE(equal) - NE(method)) / NE(equal); positive is better. "

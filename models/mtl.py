@@ -1,6 +1,6 @@
 """Multi-task DCN-v2 ranking model (the paper's Figure 1 layout).
 
-    sparse ids  -> EmbeddingBagCollection (categorical module)   [B, F * d]
+    sparse ids  -> EmbeddingBagCollection (categorical module)   [B, F * d]  (sum of dims: d per table)
     dense       -> MLP (numerical module)                        [B, n_dense]
     concat      -> DCN-v2 low-rank cross network (interaction)   [B, F * d + n_dense]
                 -> shared MLP -> shared representation h          [B, n']
@@ -35,16 +35,19 @@ class ModelConfig:
 PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
-def build_ebc(tables: Sequence[tuple], dim: int, device: torch.device,
+POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def build_ebc(tables: Sequence, dim: int, device: torch.device,
               precision: str = "fp32") -> EmbeddingBagCollection:
-    """tables: (feature name, num_embeddings); one table per feature, sum pooling."""
+    """tables: `data.schema.TableSpec`s (name, num_embeddings, dim (0: `dim`), pooling, features)."""
     if precision not in PRECISIONS:
         raise ValueError(f"model.embedding_precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return EmbeddingBagCollection(
-        tables=[EmbeddingBagConfig(name=f"t_{name}", embedding_dim=dim, num_embeddings=rows,
-                                   feature_names=[name], pooling=PoolingType.SUM,
+        tables=[EmbeddingBagConfig(name=f"t_{t.name}", embedding_dim=t.dim or dim, num_embeddings=t.num_embeddings,
+                                   feature_names=list(t.features), pooling=POOLINGS[t.pooling],
                                    data_type=PRECISIONS[precision])
-                for name, rows in tables],
+                for t in tables],
         device=device,
     )
 
@@ -90,9 +93,10 @@ class MultiTaskDCN(nn.Module):
                  cfg: ModelConfig, device: Optional[torch.device] = None):
         super().__init__()
         self.ebc = ebc
-        self.num_sparse = len(ebc.embedding_bag_configs())
+        # [B, sum of the features' dims]: a shared table's dim once per feature that looks it up
+        emb_dim = sum(t.embedding_dim * len(t.feature_names) for t in ebc.embedding_bag_configs())
         self.dense_arch = MLP(num_dense, cfg.dense_arch, device=device)
-        cross_in = self.num_sparse * cfg.embedding_dim + cfg.dense_arch[-1]
+        cross_in = emb_dim + cfg.dense_arch[-1]
         self.cross = LowRankCrossNet(cross_in, cfg.cross_layers, cfg.cross_low_rank)
         self.shared = MLP(cross_in, cfg.shared_arch, device=device)
         self.heads = TaskHeads(num_tasks, cfg.shared_arch[-1], cfg.head_arch, device)
@@ -100,7 +104,7 @@ class MultiTaskDCN(nn.Module):
         self.representation_dim = cfg.shared_arch[-1]
 
     def representation(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        emb = self.ebc(sparse).values()  # [B, F * d]
+        emb = self.ebc(sparse).values()  # [B, F * d]: features in table order
         x = torch.cat([emb, self.dense_arch(dense)], dim=1)  # [B, F * d + n_dense]
         return self.shared(self.cross(x))  # [B, n']
 

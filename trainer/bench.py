@@ -82,7 +82,7 @@ def build_variant(name: str, cfg, env: DistEnv):
     """-> (pipeline, converts a Batch to the variant's input)."""
     torch.manual_seed(0)
     if name == "dlrm_dcn":
-        ebc = build_ebc([(f.name, f.num_embeddings) for f in cfg.data.sparse], cfg.model.embedding_dim,
+        ebc = build_ebc(cfg.data.table_specs(), cfg.model.embedding_dim,
                         torch.device("meta"), cfg.model.embedding_precision)
         if cfg.model.dense_arch[-1] != cfg.model.embedding_dim:
             raise ValueError("dlrm_dcn needs model.dense_arch[-1] == model.embedding_dim")

@@ -106,11 +106,11 @@ def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
 def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, device: torch.device,
                        loss_normalization: str = "batch", precision: str = "fp32") -> MultiTaskTrain:
     """Embedding tables on meta (the planner decides where they live), dense parts on device."""
-    ebc = build_ebc([(f.name, f.num_embeddings) for f in data.sparse], model_cfg.embedding_dim,
+    ebc = build_ebc(data.table_specs(), model_cfg.embedding_dim,
                     torch.device("meta"), model_cfg.embedding_precision)
     model = MultiTaskDCN(ebc, len(data.dense), len(data.tasks), model_cfg, device)
     return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization,
-                          autocast_dtype(precision), device.type)
+                          autocast_dtype(precision), device.type, [t.kind == "regression" for t in data.tasks])
 
 
 def make_planner(ebc: EmbeddingBagCollection, optim: OptimConfig, sharding_types: List[str], device_type: str,

@@ -51,7 +51,7 @@ def _per_task(prefix: str, values: torch.Tensor, tasks: List[str]) -> Dict[str, 
 
 def evaluate(pipeline, dmp, src: DataSource, env, tasks: List[str], save_to: Path | None = None) -> Dict:
     evaluator = Evaluator(tasks, env.world_size, env.rank, src.cfg.batch_size, max(src.rank_rows),
-                          src.steps_per_epoch, env.device)
+                          src.steps_per_epoch, env.device, [t.kind == "regression" for t in src.cfg.tasks])
     kept = []
     dmp.eval()
     with torch.no_grad():
@@ -218,7 +218,7 @@ def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: 
     """What summary.json holds (identical on every rank: counters and metrics are reduced)."""
     counters = _all_reduce_counters(train_src, env.device)
     return {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
-            "tasks": [{"name": t.name, "column": t.column} for t in cfg.data.tasks],
+            "tasks": [{"name": t.name, "column": t.column, "kind": t.kind, "weight": t.weight} for t in cfg.data.tasks],
             "eval_files": eval_src.files, "eval": final, "train_reader": counters,
             "eval_reader": _all_reduce_counters(eval_src, env.device), "id_health": train_src.id_health,
             "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),

@@ -84,11 +84,11 @@ def _tables(report: PlanReport, shardings, ebc, cfg) -> None:
 def _dense_and_activations(report: PlanReport, module, cfg) -> None:
     dense = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("model.ebc"))
     dense_bytes = 4 * dense * (2 + DENSE_STATES[cfg.optim.dense])
-    b, f, d = cfg.data.batch_size, len(cfg.data.sparse), cfg.model.embedding_dim
-    m = cfg.model
-    widths = list(m.dense_arch) + [f * d + m.dense_arch[-1]] * m.cross_layers + list(m.shared_arch)
+    b, m = cfg.data.batch_size, cfg.model
+    fd = sum((t.dim or m.embedding_dim) * len(t.features) for t in cfg.data.table_specs())  # pooled width
+    widths = list(m.dense_arch) + [fd + m.dense_arch[-1]] * m.cross_layers + list(m.shared_arch)
     widths += list(m.head_arch) * len(cfg.data.tasks)
-    act = 4 * b * (3 * f * d + 2 * sum(widths))
+    act = 4 * b * (3 * fd + 2 * sum(widths))
     for r in report.per_rank:
         r["dense"], r["activations"] = float(dense_bytes), float(act)
 

@@ -70,6 +70,8 @@ def check_data(train: DataSource, eval_: DataSource, tasks: List[str]) -> None:
         if train.label_footers.labelled[m] == 0:
             raise RunError(f"task {task!r}: every label in data.train is null (column "
                            f"{train.cfg.tasks[m].column!r}): nothing to train it on")
+        if train.cfg.tasks[m].kind != "binary":
+            continue  # a regression label of 0 everywhere is still a label
         if train.label_footers.positive[m] == 0:
             log.warning("task %r: no positive label in data.train (every row group's maximum is 0)", task)
         if eval_.label_footers.labelled[m] == 0 or eval_.label_footers.positive[m] == 0:

@@ -12,13 +12,14 @@ from balancing.weighting import min_norm_simplex
 from data.batch import Batch
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer.task_model import MultiTaskTrain, masked_task_losses
+from data.schema import TableSpec
 
 
 def tiny(method):
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=4, dense_arch=[8, 4], cross_layers=1, cross_low_rank=3,
                       shared_arch=[12, 6], head_arch=[5])
-    model = MultiTaskDCN(build_ebc([("a", 20), ("b", 9)], 4, torch.device("cpu")), 3, 3, cfg)
+    model = MultiTaskDCN(build_ebc([TableSpec("a", 20, 0, "sum", ["a"]), TableSpec("b", 9, 0, "sum", ["b"])], 4, torch.device("cpu")), 3, 3, cfg)
     return MultiTaskTrain(model, build_balancer(BalancerConfig(method=method), 3))
 
 

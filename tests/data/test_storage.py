@@ -3,14 +3,13 @@ server mode, a subprocess): listing, globs over date partitions, errors naming t
 2-rank run from s3:// that ends exactly as the same run from the local copy."""
 import copy
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data.errors import DataError
 from data.footers import read_footers
-from data.schema import DataConfig, SparseFeature, Task
+from data.schema import DataConfig
 from data.storage import glob_regex, resolve_files
 from tests.s3_server import s3_server, upload
 

@@ -5,13 +5,14 @@ from data.batch import Batch
 from models.mtl import ModelConfig, MultiTaskDCN, TaskHeads, build_ebc
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.task_model import MultiTaskTrain, masked_task_losses
+from data.schema import TableSpec
 
 
 def test_forward_shapes_and_single_backward():
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=4, dense_arch=[8, 4], cross_layers=2, cross_low_rank=3,
                       shared_arch=[16, 6], head_arch=[5])
-    ebc = build_ebc([("a", 10), ("b", 7)], 4, torch.device("cpu"))
+    ebc = build_ebc([TableSpec("a", 10, 0, "sum", ["a"]), TableSpec("b", 7, 0, "sum", ["b"])], 4, torch.device("cpu"))
     model = MultiTaskDCN(ebc, num_dense=3, num_tasks=3, cfg=cfg)
     balancer_cfg = BalancerConfig(method="multibalance")
     balancer_cfg.multibalance.deferred = False  # this step's gradient norms, not the previous one's

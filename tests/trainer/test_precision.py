@@ -9,6 +9,7 @@ from models.mtl import ModelConfig, build_ebc
 from tests.balancing.test_param_methods import batch
 from trainer.build import build_train_module
 from trainer.precision import precision_context
+from data.schema import TableSpec
 
 
 def test_bf16_forward_uses_the_updated_weights():
@@ -18,7 +19,7 @@ def test_bf16_forward_uses_the_updated_weights():
                       shared_arch=[12, 6], head_arch=[5])
     torch.manual_seed(0)
     module = build_train_module(data, cfg, BalancerConfig(method="equal"), torch.device("cpu"), precision="bf16")
-    module.model.ebc = build_ebc([("a", 20), ("b", 9)], 4, torch.device("cpu"))
+    module.model.ebc = build_ebc([TableSpec("a", 20, 0, "sum", ["a"]), TableSpec("b", 9, 0, "sum", ["b"])], 4, torch.device("cpu"))
     dense_params = [p for n, p in module.named_parameters() if not n.startswith("model.ebc")]
     opt = torch.optim.SGD(dense_params, lr=1.0)
     b = batch(0)

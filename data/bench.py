@@ -1,15 +1,22 @@
 """`mbrec bench-data`: the Parquet reader's rows/s per worker process, next to pyarrow's raw
-decode of the same columns of the same files, in one run (one process each, sequentially)."""
+decode of the same columns of the same files, in one run (one process each, sequentially).
+Files may be anywhere `data.storage` reads (s3:// included); `--as-strings` measures a copy
+of the training files whose id columns are strings (the reader hashes them)."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.reader import DataSource
 from data.schema import DataConfig
+from data.storage import open_parquet
 
 
 def raw_decode_rate(src: DataSource) -> float:
@@ -17,7 +24,7 @@ def raw_decode_rate(src: DataSource) -> float:
     columns = src.dataset().columns
     t0, rows = time.perf_counter(), 0
     for path in src.files:
-        f = pq.ParquetFile(path)
+        f = open_parquet(path)
         for i in range(f.num_row_groups):
             rows += f.read_row_group(i, columns=columns).num_rows
     return rows / (time.perf_counter() - t0)
@@ -29,7 +36,7 @@ def raw_numpy_rate(src: DataSource) -> float:
     columns = src.dataset().columns
     t0, rows = time.perf_counter(), 0
     for path in src.files:
-        f = pq.ParquetFile(path)
+        f = open_parquet(path)
         for i in range(f.num_row_groups):
             t = f.read_row_group(i, columns=columns)
             for c in t.columns:
@@ -44,6 +51,39 @@ def reader_rate(src: DataSource, workers: int) -> float:
     for batch in src.batches(workers):
         rows += batch.dense_features.shape[0]
     return rows / (time.perf_counter() - t0)
+
+
+def _as_strings(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An id column with its ids as strings ("user-123"), lists kept as lists."""
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return pa.chunked_array([pa.ListArray.from_arrays(c.offsets, pc.binary_join_element_wise(
+            "id-", c.values.cast(pa.string()), "")) for c in col.chunks], pa.list_(pa.string()))
+    return pc.binary_join_element_wise("id-", col.cast(pa.string()), "")
+
+
+def strings_copy(cfg: DataConfig, out_dir: str) -> DataConfig:
+    """The training files rewritten with string ids (same row groups), for `--as-strings`."""
+    src = DataSource(cfg.train, cfg, 0, 1)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    ids = {f.column for f in cfg.sparse}
+    for n, path in enumerate(src.files):
+        f = open_parquet(path)
+        with pq.ParquetWriter(Path(out_dir) / f"part-{n:05d}.parquet", _string_schema(f.schema_arrow, ids)) as w:
+            for i in range(f.num_row_groups):
+                t = f.read_row_group(i)
+                w.write_table(pa.table([_as_strings(t[c]) if c in ids else t[c] for c in t.column_names],
+                                       names=t.column_names))
+    return dataclasses.replace(cfg, train=[out_dir])
+
+
+def _string_schema(schema: pa.Schema, ids: set) -> pa.Schema:
+    out = []
+    for field in schema:
+        if field.name in ids:
+            is_list = pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+            field = field.with_type(pa.list_(pa.string()) if is_list else pa.string())
+        out.append(field)
+    return pa.schema(out)
 
 
 def run(cfg: DataConfig, workers: int, rounds: int = 2) -> Dict[str, float]:

@@ -167,9 +167,10 @@ def cmd_bench_worker(args) -> int:
 
 
 def cmd_bench_data(args) -> int:
-    from data.bench import format_table, run
+    from data.bench import format_table, run, strings_copy
     cfg = load_config(args.config, args.set)
-    result = run(cfg.data, args.workers, args.rounds)
+    data = strings_copy(cfg.data, args.as_strings) if args.as_strings else cfg.data
+    result = run(data, args.workers, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(format_table(result))
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2, help="also time the reader with this many workers")
     sp.add_argument("--rounds", type=int, default=2)
     sp.add_argument("--out", default="runs/bench/bench_data.json")
+    sp.add_argument("--as-strings", metavar="DIR", default="",
+                    help="measure a copy of the training files (written to DIR) whose ids are strings")
     sp = sub.add_parser("schema", help="draft a [data] section from Parquet logs")
     sp.add_argument("paths", nargs="+", help="files, directories, globs or URIs (s3://...)")
     sp.set_defaults(fn=cmd_schema)

@@ -4,18 +4,23 @@ step, from which the data position follows (every epoch has the same number of s
 
 Layout: `ROOT/step-000000123/` (DCP writes `.metadata` last, on the coordinator, once every
 rank's part is written: a directory without it is incomplete) and `ROOT/latest`, the name of
-the newest complete checkpoint, replaced atomically after each save. Resume takes `latest`
+the newest complete checkpoint, replaced atomically after each save (a rename locally; one
+PUT on object storage). ROOT is a local directory or any fsspec URI (`trainer.checkpoint_dir
+= "s3://bucket/run/checkpoints"`; DCP's fsspec storage writes there, which needs the store's
+fsspec package: s3fs for s3://, gcsfs for gs://). Resume takes `latest`
 if it names a complete checkpoint, else (with a warning) the newest complete one; incomplete
 directories are removed at start; the newest `keep` complete ones are kept.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import List, Optional
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -44,68 +49,103 @@ def _state(dmp, optimizer, step: int) -> dict:
             "progress": {"step": torch.tensor(step, dtype=torch.int64)}}
 
 
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file()
+def step_of(checkpoint: str) -> int:
+    return int(STEP_DIR.match(os.path.basename(str(checkpoint).rstrip("/"))).group(1))
 
 
-def step_of(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
+def is_remote(uri: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri) is not None and not uri.startswith("file://")
 
 
 class CheckpointDir:
+    """The checkpoints of one run under `root` (a path or a URI). Checkpoints are named by
+    their id: the path or URI DCP saves to and loads from."""
+
     def __init__(self, root: str | Path, keep: int = 0):
-        self.root, self.keep = Path(root), keep
+        self.uri, self.keep = str(root).rstrip("/"), keep
+        self.remote = is_remote(self.uri)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
 
-    def _steps(self) -> List[Path]:
-        if not self.root.is_dir():
+    def child(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def _names(self) -> List[str]:
+        """Names of the step directories, oldest first."""
+        self.fs.invalidate_cache()  # listings may be cached (s3fs); DCP wrote through another client
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
             return []
-        return sorted((p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=step_of)
+        names = [os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory"]
+        return sorted((n for n in names if STEP_DIR.match(n)), key=step_of)
 
-    def complete(self) -> List[Path]:
+    def is_complete(self, name: str) -> bool:
+        return self.fs.isfile(f"{self.root}/{name}/.metadata")
+
+    def complete(self) -> List[str]:
         """Complete checkpoints, oldest first."""
-        return [p for p in self._steps() if is_complete(p)]
+        return [self.child(n) for n in self._names() if self.is_complete(n)]
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Optional[str]:
         """The checkpoint to resume from: `latest` if it names a complete one, else the newest
         complete one (a crash between DCP's save and the pointer's update, or a lost pointer)."""
-        marker = self.root / LATEST
-        named = marker.read_text().strip() if marker.is_file() else ""
-        if named and STEP_DIR.match(named) and is_complete(self.root / named):
-            return self.root / named
+        marker = f"{self.root}/{LATEST}"
+        has_marker = self.fs.isfile(marker)
+        named = self.fs.cat_file(marker).decode().strip() if has_marker else ""
+        if named and STEP_DIR.match(named) and self.is_complete(named):
+            return self.child(named)
         found = self.complete()
-        if marker.exists() or found:
-            log.warning("checkpoint pointer %s %s; resuming from the newest complete checkpoint: %s", marker,
-                        f"names {named!r}, not a complete checkpoint" if named else "is missing or empty",
-                        found[-1].name if found else "none")
+        if has_marker or found:
+            log.warning("checkpoint pointer %s %s; resuming from the newest complete checkpoint: %s",
+                        self.child(LATEST), f"names {named!r}, not a complete checkpoint" if named
+                        else "is missing or empty", os.path.basename(found[-1]) if found else "none")
         return found[-1] if found else None
 
-    def remove_incomplete(self) -> None:
-        """Before training, on rank 0: incomplete checkpoints of an earlier attempt go."""
-        if _is_main():
-            for p in self._steps():
-                if not is_complete(p):
-                    log.warning("removing incomplete checkpoint %s", p)
-                    shutil.rmtree(p, ignore_errors=True)
-
-    def save(self, dmp, optimizer, step: int) -> Path:
-        path = self.root / f"step-{step:09d}"
+    def prepare(self) -> None:
+        """Before training, on every rank: the directory exists and takes a file (else a
+        CheckpointError now, not at the first save); on rank 0, incomplete checkpoints of an
+        earlier attempt go."""
+        probe = f"{self.root}/.probe-{os.getpid()}-{dist.get_rank() if dist.is_initialized() else 0}"
         try:
-            dcp.save(_state(dmp, optimizer, step), checkpoint_id=str(path))
+            if not self.remote:  # (object stores have no directories; never create a bucket)
+                self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"0")
+            self.fs.rm(probe)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint directory {self.uri} is not writable: {type(e).__name__}: {e}") from e
+        if _is_main():
+            for name in self._names():
+                if not self.is_complete(name):
+                    log.warning("removing incomplete checkpoint %s", self.child(name))
+                    self.fs.rm(f"{self.root}/{name}", recursive=True)
+
+    def save(self, dmp, optimizer, step: int) -> str:
+        ckpt = self.child(f"step-{step:09d}")
+        try:
+            # a URI selects DCP's fsspec storage, a path its file-system storage
+            dcp.save(_state(dmp, optimizer, step), checkpoint_id=ckpt)
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            raise CheckpointError(f"saving checkpoint {path} failed ({self._free()}): {_cause(e)}") from e
-        if _is_main():  # after every rank finished its part; an atomic replace
-            write_atomic(self.root / LATEST, path.name)
+            raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}): {_cause(e)}") from e
+        if _is_main():  # after every rank finished its part
+            name = os.path.basename(ckpt)
+            if self.remote:  # one PUT: readers see the old object or the new one
+                self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
+            else:
+                write_atomic(Path(self.root) / LATEST, name)
             self._retain()
         _barrier()
-        log.info("saved checkpoint %s", path)
-        return path
+        log.info("saved checkpoint %s", ckpt)
+        return ckpt
 
     def _retain(self) -> None:
-        done = self.complete()
+        done = self._names()
+        done = [n for n in done if self.is_complete(n)]
         for old in done[:-self.keep] if self.keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+            self.fs.rm(f"{self.root}/{old}", recursive=True)
 
     def _free(self) -> str:
+        if self.remote:
+            return f"object storage at {self.uri}"
         try:
             return f"{shutil.disk_usage(self.root).free / 2**30:.2f} GiB free at {self.root}"
         except OSError:
@@ -132,7 +172,7 @@ def state_bytes(dmp, optimizer) -> int:
     return total
 
 
-def load(path: str | Path, dmp, optimizer) -> int:
+def load(path: str, dmp, optimizer) -> int:
     """Loads in place; returns the step the checkpoint was taken at."""
     # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP
     # loads in place, so it must exist first. Fused embedding optimizers have theirs already.

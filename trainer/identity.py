@@ -24,7 +24,7 @@ RUN_FILE = "run.json"
 POSITION = ("data.train", "data.batch_size", "data.num_workers", "world_size", "train_units")
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
-        "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints",
+        "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
         "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device")
 
 

@@ -25,7 +25,7 @@ from data.transforms import FittedTransforms
 from trainer import checkpoint, identity
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.checkpoint import CheckpointDir
-from trainer.errors import AlreadyFinished, CheckpointError, RunError
+from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
 from trainer.preflight import agreed, check_data, check_disk, check_writable, on_main
@@ -122,11 +122,10 @@ def train(cfg) -> Dict:
 def _prepare(cfg, env) -> Run:
     """Checks (agreed across ranks) -> data sources -> model, DMP, pipeline -> resume point."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
-    ckpts = CheckpointDir(out / "checkpoints", tcfg.keep_checkpoints)
+    ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints)
     train_src, eval_src = _sources(cfg, env, ckpts)
     total = tcfg.max_steps or tcfg.epochs * train_src.steps_per_epoch
-    agreed(lambda: (check_writable(out), check_writable(ckpts.root, "checkpoint directory", CheckpointError),
-                    check_data(train_src, eval_src, tasks), ckpts.remove_incomplete()))
+    agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
@@ -136,8 +135,8 @@ def _prepare(cfg, env) -> Run:
         identity.save(out, ident)
         identity.write_atomic(out / STATS_FILE, json.dumps(train_src.transforms.to_dict(), indent=1))
     step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
-    if tcfg.checkpoint_every or tcfg.checkpoint_at_end:
-        agreed(lambda: check_disk(ckpts.root, checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
+    if (tcfg.checkpoint_every or tcfg.checkpoint_at_end) and not ckpts.remote:
+        agreed(lambda: check_disk(Path(ckpts.root), checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
                                   tcfg.keep_checkpoints))
     return Run(out, tasks, ckpts, train_src, eval_src, total, dmp, optimizer, pipeline, step)
 
@@ -195,14 +194,14 @@ def _sources(cfg, env, ckpts: CheckpointDir) -> Tuple[DataSource, DataSource]:
     return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms)
 
 
-def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[Path]:
+def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[str]:
     """The checkpoint to resume from (None: a fresh run), after checking that it belongs to
     this run."""
     latest = ckpts.latest()
     if latest is not None:
         if not cfg.trainer.resume:
-            raise RunError(f"{out} holds checkpoints of an earlier run (newest: {latest.name}) and "
-                           f"trainer.resume = false: use a new trainer.out_dir, or remove {ckpts.root}")
+            raise RunError(f"{out} holds checkpoints of an earlier run (newest: {latest}) and "
+                           f"trainer.resume = false: use a new trainer.out_dir, or remove {ckpts.uri}")
         identity.check_resume(out, ident, cfg.trainer.allow_config_change)
         done = checkpoint.step_of(latest)
         if done >= total and (out / "summary.json").is_file():

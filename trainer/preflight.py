@@ -79,15 +79,16 @@ def check_data(train: DataSource, eval_: DataSource, tasks: List[str]) -> None:
                         "no labelled row" if eval_.label_footers.labelled[m] == 0 else "no positive label")
 
 
-def check_writable(path: Path, what: str = "trainer.out_dir", error: type = RunError) -> None:
-    """`path` exists and accepts a file (every rank: they may be on different machines)."""
+def check_writable(path: Path) -> None:
+    """trainer.out_dir exists and accepts a file (every rank: they may be on different machines;
+    the checkpoint directory has its own check, `CheckpointDir.prepare`)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as e:
-        raise error(f"{what} {path} is not writable: {e}") from e
+        raise RunError(f"trainer.out_dir {path} is not writable: {e}") from e
 
 
 def check_disk(root: Path, rank_bytes: int, ranks_here: int, keep: int) -> None:

@@ -78,15 +78,31 @@ def _train(raw):
 
 
 def test_two_ranks_train_from_s3_as_from_the_local_copy(s3, tiny_config, tmp_path):
+    """Data from s3://, checkpoints to s3://: 3 steps, a resume from the checkpoint on S3, 3 more,
+    end exactly as 6 steps straight through on local files."""
     from tests.dist_utils import run_ranks
     tiny_config["trainer"].update(max_steps=6, log_every=3)
     remote = copy.deepcopy(tiny_config)
     remote["data"].update(train=["s3://logs/tiny/train"], eval=["s3://logs/tiny/eval/*.parquet"])
-    remote["trainer"]["out_dir"] = str(tmp_path / "remote")
-    a, b = run_ranks(_train, (tiny_config,)), run_ranks(_train, (remote,))
-    assert a[0]["eval"] == b[0]["eval"] == b[1]["eval"]  # exactly: same rows, same order
-    assert a[0]["train_reader"] == b[0]["train_reader"]
+    remote["trainer"].update(out_dir=str(tmp_path / "remote"), checkpoint_dir="s3://logs/runs/remote/ckpt", max_steps=3)
+    a = run_ranks(_train, (tiny_config,))
+    run_ranks(_train, (remote,))
+    remote["trainer"]["max_steps"] = 6
+    b = run_ranks(_train, (remote,))
+    assert a[0]["eval"] == b[0]["eval"] == b[1]["eval"]  # exactly: same rows, same order, exact resume
+    assert a[0]["final_weights"] == b[0]["final_weights"]
     assert b[0]["eval_files"] == ["s3://logs/tiny/eval/part-00000.parquet"]
     assert b[0]["id_health"] == a[0]["id_health"] and set(b[0]["id_health"]) == {
         f["name"] for f in tiny_config["data"]["sparse"]}
     assert (tmp_path / "remote" / "dense_stats.json").is_file()  # the transforms' numbers, for eval and resume
+    from trainer.checkpoint import CheckpointDir
+    ckpts = CheckpointDir("s3://logs/runs/remote/ckpt")
+    assert [c.rsplit("/", 1)[1] for c in ckpts.complete()] == ["step-000000003", "step-000000006"]
+    assert ckpts.latest() == "s3://logs/runs/remote/ckpt/step-000000006"
+
+
+def test_unwritable_remote_checkpoint_dir_is_named(s3):
+    from trainer.checkpoint import CheckpointDir
+    from trainer.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="checkpoint directory s3://no-such-bucket/ckpt is not writable"):
+        CheckpointDir("s3://no-such-bucket/ckpt").prepare()

@@ -57,8 +57,8 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, pointer):
     if pointer is not None:
         (tmp_path / "latest").write_text(pointer)
     ckpts = CheckpointDir(tmp_path)
-    assert ckpts.latest().name == "step-000000020"
-    ckpts.remove_incomplete()
+    assert ckpts.latest() == str(tmp_path / "step-000000020")
+    ckpts.prepare()
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000010", "step-000000020"]
 
 

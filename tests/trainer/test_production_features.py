@@ -10,11 +10,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from balancing import REGISTRY, BalancerConfig, build_balancer
 from data.batch import Batch
-from data.schema import DataConfig, EmbeddingTable, SparseFeature, Task
+from data.schema import DataConfig
 from launch.config import ConfigError, RunConfig, from_dict
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from tests.dist_utils import run_ranks
-from tests.trainer.test_distributed_training import auc
 from trainer.task_model import MultiTaskTrain, masked_task_losses
 
 

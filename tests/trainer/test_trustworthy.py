@@ -56,7 +56,9 @@ def _scenarios(tiny_synth, tmp: Path):
     (blocked / "checkpoints").write_text("a file where the checkpoint directory should be")
     return {
         # alone in its spawn: a run that stops mid-training leaves collectives in flight
-        "nan_loss": ([f"data.train=['{huge}']", "trainer.checkpoint_every=2"], ("NonFiniteError", "non-finite loss")),
+        # fed raw (no transform): 3e38 overflows the first layer to inf, and the losses to NaN
+        "nan_loss": ([f"data.train=['{huge}']", "trainer.checkpoint_every=2", "data.dense_transform='none'"],
+                     ("NonFiniteError", "non-finite loss")),
         "empty": ([f"data.train=['{empty}']"], ("RunError", "data.train has no rows")),
         "no_row_groups": ([f"data.train=['{no_groups}']"], ("RunError", "data.train has no rows")),
         "null_labels": ([f"data.train=['{null_cvr}']"], ("RunError", "task 'cvr': every label in data.train is null")),

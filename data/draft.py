@@ -2,7 +2,8 @@
 
 Reads every footer (rows) and a sample of row groups (values), then guesses each column's role:
 - lists of ids, strings, binaries, and integer columns named like ids -> sparse features, with
-  num_embeddings = 2 x the estimated distinct count (fewer collisions; see `table_rows`);
+  num_embeddings = 2 x the estimated distinct count (fewer collisions; see `table_rows`),
+  except columns with one distinct value per row (row identifiers: listed as not used);
 - columns whose values are all 0 / 1 (or null) -> tasks (a 0/1 *feature* is left for the user
   to move: the draft says so);
 - other numeric columns -> dense, with the transform "auto" will choose from their range.
@@ -43,6 +44,12 @@ def table_rows(distinct: int, sampled: int, total: int) -> int:
     return int(min(max(2 * estimate, 16), MAX_TABLE_ROWS))
 
 
+def _row_identifier(distinct: int, sampled: int, is_list: bool) -> bool:
+    """Nearly one distinct value per row in a sample of >= 1,000 rows (a title, an event id):
+    an embedding per row memorises the training labels and gives eval rows noise."""
+    return not is_list and sampled >= 1000 and distinct > 0.9 * sampled
+
+
 def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
     tp = col.type
     vt = id_value_type(tp)
@@ -52,6 +59,9 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         if not (pa.types.is_integer(vt) or is_string_like(vt)):
             return Column(name, "skip", f"{tp}: not an id type")
         distinct = pc.count_distinct(flat).as_py()
+        if _row_identifier(distinct, len(flat), is_list):
+            return Column(name, "skip", f"{tp}, {distinct:,} distinct in {len(flat):,} rows: one value per row, an "
+                                        f"identifier of the row rather than a feature (add it if its ids repeat)")
         n = table_rows(distinct, len(flat), total * max(len(flat), 1) // max(len(col), 1))
         return Column(name, "sparse", f"{tp}, {distinct:,} distinct in {len(flat):,} sampled ids", n)
     if not (pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)):
@@ -66,6 +76,9 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
                                     f"(a 0/1 feature? move it to dense)")
     if pa.types.is_integer(tp) and ID_NAME.search(name):
         distinct = pc.count_distinct(col).as_py()
+        if _row_identifier(distinct, len(col), False):
+            return Column(name, "skip", f"{tp}, {distinct:,} distinct in {len(col):,} rows: one value per row, an "
+                                        f"identifier of the row rather than a feature (add it if its ids repeat)")
         return Column(name, "sparse", f"{tp} named like an id, {distinct:,} distinct in {len(col):,} rows",
                       table_rows(distinct, len(col), total))
     auto = "as is" if max(abs(lo), abs(hi)) <= AUTO_RANGE else "log1p + standardize"

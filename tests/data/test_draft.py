@@ -16,7 +16,8 @@ def raw_logs(path, n=3000, seed=0):
     user = rng.integers(0, 500, n)
     pq.write_table(pa.table({
         "user": pa.array([f"user-{u}" for u in user]),
-        "item_id": rng.integers(0, 10**9, n),
+        "item_id": rng.integers(0, 10**9, 400)[rng.integers(0, 400, n)],  # ids as large as they come
+        "event_id": np.arange(n) * 7919,  # one per row: not a feature
         "hist": pa.array([[f"i{j}" for j in rng.integers(0, 50, k)] for k in rng.integers(0, 4, n)]),
         "price": rng.lognormal(4, 2, n),
         "year": rng.integers(1990, 2021, n),
@@ -44,6 +45,7 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
     assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist"]
     assert [t["name"] for t in data["tasks"]] == ["click", "like"]
     assert "# not used: note" in out.stdout and "auto = log1p + standardize" in out.stdout
+    assert "# not used: event_id (int64, 3,000 distinct in 3,000 rows: one value per row" in out.stdout
     cfg = tmp_path / "drafted.toml"
     cfg.write_text(out.stdout + f'[trainer]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 6\nlog_every = 3\n'
                    'progress_bar = false\n')

@@ -67,6 +67,7 @@ class Footers:
     # column -> (min, max) over every row group whose footer has statistics (numeric columns)
     ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     types: Dict[str, str] = field(default_factory=dict)  # column -> Arrow type, as in the files
+    string_ids: List[str] = field(default_factory=list)  # sparse columns of string / binary ids
 
     @property
     def units(self) -> List[Tuple[str, int]]:
@@ -107,7 +108,9 @@ def _one_file(path: str, wanted: List[Tuple[str, str]]) -> Dict:
                         (st.min, st.max) if st is not None and st.has_min_max else None))
         stats[column] = col
     return {"rows": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], "stats": stats,
-            "types": {c: str(schema.field(c).type) for c, _ in wanted}}
+            "types": {c: str(schema.field(c).type) for c, _ in wanted},
+            "string_ids": sorted({c for c, role in wanted if role == "sparse"
+                                  and is_string_like(id_value_type(schema.field(c).type))})}
 
 
 def _label_footers(per_file: List[Dict], cfg: DataConfig) -> LabelFooters:
@@ -155,4 +158,5 @@ def read_footers(patterns: Sequence[str], cfg: DataConfig, threads: int = FOOTER
         per_file = list(pool.map(lambda p: _one_file(p, wanted), files))
     types = _same_types(files, per_file)
     return Footers(files, [len(f["rows"]) for f in per_file], [r for f in per_file for r in f["rows"]],
-                   _label_footers(per_file, cfg), _ranges(per_file), types)
+                   _label_footers(per_file, cfg), _ranges(per_file), types,
+                   per_file[0]["string_ids"] if per_file else [])  # (one type per column: checked)

@@ -305,8 +305,10 @@ class ParquetBatches(IterableDataset):
     """
 
     def __init__(self, units: Sequence[Tuple[str, int]], cfg: DataConfig, rank: int, world_size: int,
-                 epoch: int = 0, shuffle: bool = False, transforms: Optional[FittedTransforms] = None):
+                 epoch: int = 0, shuffle: bool = False, transforms: Optional[FittedTransforms] = None,
+                 string_ids: Sequence[str] = ()):
         self.units, self.cfg, self.rank, self.world_size = list(units), cfg, rank, world_size
+        self.string_ids = list(string_ids)  # read as dictionaries: hashed once per distinct value
         self.epoch, self.shuffle, self.transforms = epoch, shuffle, transforms
         self.keys = [f.name for f in cfg.sparse]
         self.columns = cfg.columns
@@ -345,7 +347,7 @@ class ParquetBatches(IterableDataset):
             try:
                 if path not in handles:
                     handles.clear()  # keep one file open at a time
-                    handles[path] = open_parquet(path)
+                    handles[path] = open_parquet(path, self.string_ids)
                 table = handles[path].read_row_group(rg, columns=self.columns)
             except (OSError, pa.ArrowException) as e:
                 raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
@@ -478,7 +480,7 @@ class DataSource:
 
     def dataset(self, epoch: int = 0) -> ParquetBatches:
         return ParquetBatches(self.footers.units, self.cfg, self.rank, self.world_size, epoch, self.shuffle,
-                              self.transforms)
+                              self.transforms, self.footers.string_ids)
 
     def batches(self, num_workers: int, epoch: int = 0) -> Iterator[Batch]:
         """This rank's real batches for one epoch, read by `num_workers` DataLoader workers."""

@@ -149,7 +149,16 @@ def resolve_files(patterns: Sequence[str]) -> List[str]:
     return sorted(set(files))
 
 
-def open_parquet(uri: str) -> pq.ParquetFile:
-    """Opens a file named by `resolve_files` (reads its footer)."""
+def open_parquet(uri: str, dictionary_columns: Sequence[str] = ()) -> pq.ParquetFile:
+    """Opens a file named by `resolve_files` (reads its footer). `dictionary_columns` (top-level
+    names, lists included) are read as Arrow dictionaries: string ids come without being
+    materialised row by row, and each distinct value once (Parquet's own dictionary pages)."""
     fs, inside = split(uri)
-    return pq.ParquetFile(fs.open_input_file(inside))
+    f = fs.open_input_file(inside)
+    if not dictionary_columns:
+        return pq.ParquetFile(f)
+    meta = pq.read_metadata(f)
+    wanted = set(dictionary_columns)
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)
+              if meta.schema.column(i).path.split(".")[0] in wanted]
+    return pq.ParquetFile(f, metadata=meta, read_dictionary=leaves)

@@ -413,10 +413,12 @@ def _sample_units(footers: Footers, cfg: DataConfig) -> List[Tuple[str, int]]:
 
 def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
     """Per sparse feature, from the sampled training row groups: distinct ids seen, the table's
-    rows, and the share of those ids expected to share a row with another (hashing D distinct
-    ids into n rows occupies n (1 - exp(-D / n)) rows). Ids in [0, n) map to themselves and never
-    collide. D is a lower bound of the whole split's distinct ids, so the share is one too.
-    Warns when a table looks too small (over 20 % of ids colliding)."""
+    rows, the share of integer ids outside [0, n) (remapped), and the share of the ids expected
+    to share a row with another (hashing D distinct ids into n rows occupies n (1 - exp(-D/n))
+    rows). Integer ids all in [0, n) map to themselves and never collide. For string ids D is
+    a lower bound of the split's distinct ids, so the share is one too; for partly remapped
+    integer ids it is an estimate (in-range ids are counted as hashed). Warns when a table looks
+    too small (over 20 % of ids colliding)."""
     out: Dict[str, Dict[str, float]] = {}
     columns = sorted({f.column for f in cfg.sparse})
     tables = []
@@ -430,10 +432,15 @@ def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
         flat = pc.list_flatten(ids) if pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type) else ids
         distinct = pc.count_distinct(flat).as_py() if len(flat) else 0
         n = f.num_embeddings
-        lo_hi = pc.min_max(flat).as_py() if len(flat) and pa.types.is_integer(id_value_type(flat.type)) else None
-        in_range = lo_hi is not None and lo_hi["min"] is not None and lo_hi["min"] >= 0 and lo_hi["max"] < n
-        share = 0.0 if in_range or distinct == 0 else 1 - n * -math.expm1(-distinct / n) / distinct
-        out[f.name] = {"sampled_distinct_ids": distinct, "table_rows": n, "collision_share_at_least": round(share, 4)}
+        integer = pa.types.is_integer(id_value_type(flat.type))
+        if integer and pa.types.is_dictionary(flat.type):
+            flat = flat.cast(id_value_type(flat.type))
+        outside = pc.sum(pc.or_(pc.less(flat, 0), pc.greater_equal(flat, n))).as_py() or 0 if integer and len(flat) else 0
+        # ids outside [0, n) are hashed into it, string ids all are: those can collide
+        share = 0.0 if (integer and outside == 0) or distinct == 0 else 1 - n * -math.expm1(-distinct / n) / distinct
+        out[f.name] = {"sampled_distinct_ids": distinct, "table_rows": n, "collision_share": round(share, 4),
+                       "ids": "integer" if integer else "string (hashed)",
+                       "remapped_share": round(outside / len(flat), 4) if integer and len(flat) else 0.0}
         if share > 0.2:
             log.warning("sparse feature %r: %d distinct ids in a sample of the training data for a table of %d "
                         "rows: at least %.0f%% of them share a row with another id; consider num_embeddings >= %d",

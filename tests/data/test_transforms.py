@@ -116,6 +116,9 @@ def test_id_health_flags_a_table_too_small(raw, caplog):
                      tasks=[Task("y")])
     with caplog.at_level(logging.WARNING):
         health = id_health(read_footers(cfg.train, cfg), cfg)
-    assert health["u"]["sampled_distinct_ids"] == 3000 and health["u"]["collision_share_at_least"] > 0.85
-    assert health["v"]["collision_share_at_least"] == 0.0  # ids within the table map to themselves
+    assert health["u"]["sampled_distinct_ids"] == 3000 and health["u"]["collision_share"] > 0.85
+    assert health["v"]["collision_share"] == 0.0  # ids within the table map to themselves
+    assert health["v"]["remapped_share"] == 0.0 and health["u"]["ids"] == "string (hashed)"
     assert "sparse feature 'u': 3000 distinct ids" in caplog.text and "'v'" not in caplog.text
+    cfg.sparse[1].num_embeddings = 40  # ids 40..49 now fall outside: 10 of 50 values, 20 % of rows
+    assert id_health(read_footers(cfg.train, cfg), cfg)["v"]["remapped_share"] == 0.2

@@ -5,13 +5,19 @@ Per step, with g_m the gradient of task m's loss w.r.t. its copy of the shared
 representation ([B, n'], global batch):
   1. n_m = ||g_m||
   2. u_m <- (1 - gamma) u_m + gamma n_m       (first step of a task: u_m = n_m)  [line 6]
-  3. v_m = (u_m / n_m) g_m                                                     [line 7]
+  3. v_m = g_m / u_m                         (`rescale = "paper"`)              [line 7]
+     (Malkiel & Wolf 2020: divided by the running magnitude; `rescale = "magnitude"`, the
+     earlier form of this code, sets each gradient to its running magnitude: v_m = (u_m / n_m) g_m)
   4. d = lambda + rho lambda0,  D_m = <v_m, V d>   (= grad of 1/2 ||V d||^2 in lambda), or the
      cosine form D_m = <v_m, V d> / (||v_m|| ||V d||) the paper uses in practice (Sec. 5)
   5. lambda <- Proj_simplex(lambda - beta D)                                   [line 10, eq. 12]
-  6. the shared layers receive sum_m lambda_m v_m                              [line 11]
+     (`step = "capped"`, beyond the paper: beta capped by a stability bound, `stability_cap`)
+  6. the shared layers receive mean(u) sum_m lambda_m v_m                      [line 11]
+     (mean(u) keeps the gradient's size that of equal weights: see `combination`)
 Steps 1-5 need only the M x M Gram matrix G = [<g_i, g_j>] (Gram(V) = S G S with
-S = diag(u / n)); with several ranks it is all-reduced, so every rank computes the same lambda.
+S = diag(s), v_m = s_m g_m); with several ranks it is all-reduced, so every rank computes the
+same lambda. `tests/balancing/test_algorithm3.py` checks all of it against a literal per-step
+implementation of Algorithm 3 on explicit gradient matrices.
 
 A task whose gradient is zero (no labelled row in the batch) keeps its EMA and its weight;
 the other weights move on the simplex of the remaining mass. No NaN, no host sync.
@@ -22,6 +28,9 @@ backward; under DDP it travels as the gradient of a carrier parameter (`Deferred
 own all-reduce, so it costs no collective of its own. Weights stay identical on every rank;
 they follow the exact sequence one step late (the first step of a run uses the current weights
 on the raw gradients; the Gram in flight is checkpointed, so a resumed run continues exactly).
+Step t's gradients are combined with 1 / u_m, the running magnitude known at the step (not
+with the previous batch's norms): a task whose labelled rows go 0 -> few -> many is neither
+dropped nor blown up by the previous batch.
 Off: the per-step algorithm, with one all-reduce of M^2 numbers inside every backward.
 
 The M-sized step runs in Python floats (`multibalance_update_host`) wherever the Gram is on the
@@ -38,16 +47,23 @@ effective learning rate matches the equal-weights baseline; off gives the paper'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
 import math
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from balancing.base import DeferredGram, GradientBalancer, combine, local_gram
 from balancing.simplex import project_simplex
 
+log = logging.getLogger(__name__)
 EPS = 1e-12
+RESCALES = ("paper", "magnitude")
+OSCILLATION_WARN = 0.5  # share of reversed lambda updates that gives a warning...
+OSCILLATION_MIN_STEPS = 50  # ...over at least this many updates...
+JUMP = 0.05  # ...when lambda_m also moves by more than this per update on average
+STEPS = ("paper", "capped")
 
 
 @dataclass
@@ -60,21 +76,93 @@ class MultiBalanceConfig:
     prior: List[float] = field(default_factory=list)  # lambda0; empty = uniform
     scale_by_tasks: bool = True
     deferred: bool = True  # weights from the previous step's Gram (see the module docstring)
+    # "paper": v_m = g_m / u_m (Algorithm 3, line 7); "magnitude": v_m = (u_m / n_m) g_m, each
+    # task's gradient set to its running magnitude (exact form only: it needs this step's n_m)
+    rescale: str = "paper"
+    # "paper": lambda - beta D (eq. 12); "capped": beta capped by a stability bound of the Gram
+    step: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.rescale not in RESCALES or self.step not in STEPS:
+            raise ValueError(f"balancer.multibalance: rescale must be one of {RESCALES} and step one of {STEPS}")
+        if self.rescale == "magnitude" and self.deferred:
+            raise ValueError("balancer.multibalance: rescale = 'magnitude' needs this step's gradient norms, which "
+                             "the deferred form does not have: set deferred = false, or rescale = 'paper'")
+
+
+def _scales(n: List[float], u: List[float], cfg: MultiBalanceConfig) -> List[float]:
+    """s [M] with v_m = s_m g_m (0 for a task without gradient this step)."""
+    if not cfg.ema:
+        return [1.0 if ni > 0 else 0.0 for ni in n]
+    if cfg.rescale == "paper":
+        return [1.0 / ui if ni > 0 else 0.0 for ni, ui in zip(n, u)]
+    return [ui / ni if ni > 0 else 0.0 for ni, ui in zip(n, u)]
+
+
+def stability_cap(gram_v: List[List[float]], active: List[bool], cosine: bool, norm_a: float) -> float:
+    """1 / L, with L an upper bound of the largest eigenvalue of the update's Jacobian in lambda:
+    Gram(V) for the gradient direction, D^-1/2 Gram(V) D^-1/2 / ||V d|| (D = diag ||v_m||) for the
+    cosine one (its dominant part). With beta <= 1 / L the linearised update contracts without
+    changing sign (1 - beta mu in [0, 1)): no step overshoots the fixed point, so lambda cannot
+    jump between simplex corners. L = min(trace, max row sum): both bound the top eigenvalue of
+    a positive semi-definite matrix, in O(M^2) and identically on every rank."""
+    idx = [i for i, a in enumerate(active) if a]
+    if not idx:
+        return float("inf")
+    if cosine:
+        vn = [math.sqrt(max(gram_v[i][i], 0.0)) for i in range(len(active))]
+        denom = max(norm_a, EPS)
+        a = {i: {j: gram_v[i][j] / max(math.sqrt(vn[i] * vn[j]), EPS) / denom for j in idx} for i in idx}
+    else:
+        a = {i: {j: gram_v[i][j] for j in idx} for i in idx}
+    trace = sum(a[i][i] for i in idx)
+    rows = max(sum(abs(x) for x in a[i].values()) for i in idx)
+    bound = min(trace, rows)
+    return 1.0 / bound if bound > 0 else float("inf")
+
+
+def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[float], u: Sequence[float],
+                             prior: Sequence[float], cfg: MultiBalanceConfig, factor: float = 1.0
+                             ) -> Tuple[List[float], List[float], List[float], List[float]]:
+    """One step of Algorithm 3 from the Gram matrix factor * gram alone, in Python floats.
+
+    gram [M][M], lam [M] (on the simplex), u [M] (EMA of norms; 0 = not yet seen), prior [M].
+    Returns (new lambda, new u, s, n), with v_m = s_m g_m and n_m = ||g_m||. Plain loops: this
+    runs cold once per step, where every Python object it creates costs."""
+    m = len(lam)
+    n = [math.sqrt(max(gram[i][i] * factor, 0.0)) for i in range(m)]
+    active = [ni > 0 for ni in n]
+    if cfg.ema:  # line 6: u_m <- (1 - gamma) u_m + gamma n_m (the first time: n_m)
+        u_new = [(ui + cfg.gamma * (ni - ui) if ui > 0 else ni) if ni > 0 else ui for ni, ui in zip(n, u)]
+    else:
+        u_new = [ni if ni > 0 else ui for ni, ui in zip(n, u)]
+    s = _scales(n, u_new, cfg)  # line 7
+    d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
+    gram_v = [[gram[i][j] * factor * s[i] * s[j] for j in range(m)] for i in range(m)]  # Gram(V) = S G S
+    direction = [sum(gram_v[i][j] * d[j] for j in range(m)) for i in range(m)]  # <v_i, V d>
+    norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
+    if cfg.cosine:
+        direction = [x / max(s[i] * n[i] * norm_a, EPS) for i, x in enumerate(direction)]
+    beta = cfg.beta
+    if cfg.step == "capped":
+        beta = min(beta, stability_cap(gram_v, active, cfg.cosine, norm_a))
+    y = [li - beta * x for li, x in zip(lam, direction)]  # line 10, eq. 12
+    return project_simplex_host(y, active, lam), u_new, s, n
 
 
 def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, prior: torch.Tensor,
                         cfg: MultiBalanceConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of Algorithm 3 from the Gram matrix alone.
-
-    gram [M, M], lam [M] (on the simplex), u [M] (EMA of norms; 0 = not yet seen), prior [M].
-    Returns (new lambda, new u, s, n), all [M], with v_m = s_m g_m and n_m = ||g_m||.
-    Written with few, fused ops: it runs in the backward's critical path, where every small
-    kernel launch (GPU) or op dispatch (CPU) counts."""
+    """`multibalance_update_host` as sync-free tensor ops (the exact form on an accelerator, where
+    the Gram is this step's and reading it would stall the device queue): gram [M, M], lam, u,
+    prior [M] -> (new lambda, new u, s, n), all [M]."""
     n = gram.diagonal().clamp(min=0).sqrt()  # [M]
     active = n > 0
     if cfg.ema:
         u_new = torch.where(active, torch.where(u > 0, torch.lerp(u, n, cfg.gamma), n), u)
-        s = u_new * active / n.clamp(min=EPS)  # 0 for a task without gradient
+        if cfg.rescale == "paper":
+            s = active / u_new.clamp(min=EPS)  # 1 / u_m; 0 for a task without gradient
+        else:
+            s = u_new * active / n.clamp(min=EPS)
     else:
         u_new = torch.where(active, n, u)
         s = active.to(gram.dtype)
@@ -84,43 +172,17 @@ def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, 
     if cfg.cosine:
         norm_a = (d @ direction).clamp(min=0).sqrt()  # ||V d||
         direction = direction / (s * n * norm_a).clamp(min=EPS)  # ||v_m|| = s_m n_m
-    lam_new = project_simplex(torch.add(lam, direction, alpha=-cfg.beta), active, lam)
+    beta = cfg.beta
+    if cfg.step == "capped":  # `stability_cap` as tensor ops
+        act = active.to(gram.dtype)
+        a = gram_v * torch.outer(act, act)
+        if cfg.cosine:
+            vn = s * n
+            a = a / torch.outer(vn, vn).sqrt().clamp(min=EPS) / norm_a.clamp(min=EPS)
+        bound = torch.minimum(a.diagonal().sum(), a.abs().sum(1).max())
+        beta = (1.0 / bound.clamp(min=EPS)).clamp(max=cfg.beta)
+    lam_new = project_simplex(lam - beta * direction, active, lam)
     return lam_new, u_new, s, n
-
-
-def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[float], u: Sequence[float],
-                             prior: Sequence[float], cfg: MultiBalanceConfig, factor: float = 1.0
-                             ) -> Tuple[List[float], List[float], List[float], List[float]]:
-    """`multibalance_update` in Python floats (same arguments as lists, same results), for the
-    Gram matrix factor * gram. Plain loops: this runs cold once per step, where every Python
-    object it creates costs."""
-    m = len(lam)
-    n, u_new, s, sd, active = [0.0] * m, list(u), [0.0] * m, [0.0] * m, [False] * m
-    d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
-    for i in range(m):
-        n[i] = ni = math.sqrt(max(gram[i][i] * factor, 0.0))
-        if ni > 0:
-            active[i] = True
-            if cfg.ema:
-                u_new[i] = u[i] + cfg.gamma * (ni - u[i]) if u[i] > 0 else ni
-                s[i] = u_new[i] / ni
-            else:
-                u_new[i], s[i] = ni, 1.0
-        sd[i] = s[i] * d[i]  # S d
-    direction, norm2 = [0.0] * m, 0.0
-    for i in range(m):
-        row = gram[i]
-        acc = 0.0
-        for j in range(m):
-            acc += row[j] * sd[j]
-        direction[i] = s[i] * acc * factor  # <v_i, V d>
-        norm2 += d[i] * direction[i]  # ||V d||^2 = d . direction
-    y = [0.0] * m
-    norm_a = math.sqrt(max(norm2, 0.0))
-    for i in range(m):
-        x = direction[i] / max(s[i] * n[i] * norm_a, EPS) if cfg.cosine else direction[i]
-        y[i] = lam[i] - cfg.beta * x
-    return project_simplex_host(y, active, lam), u_new, s, n
 
 
 def project_simplex_host(y: Sequence[float], active: Sequence[bool], fallback: Sequence[float]) -> List[float]:
@@ -135,6 +197,34 @@ def project_simplex_host(y: Sequence[float], active: Sequence[bool], fallback: S
     return [max(v - theta, 0.0) if a else f for v, a, f in zip(y, active, fallback)]
 
 
+def combination(lam: Sequence[float], u: Sequence[float], s: Sequence[float], cfg: MultiBalanceConfig) -> List[float]:
+    """c [M]: the shared layers receive sum_m c_m g_m (times M under scale_by_tasks), eq. line 11.
+
+    rescale "paper": c_m = mean(u) lambda_m / u_m, i.e. mean(u) sum_m lambda_m v_m. v_m = g_m / u_m
+    has norm about 1 whatever the loss scale; mean(u) (the running gradient magnitude) restores
+    the size of the gradient the optimizer would get from equal weights (uniform lambda and equal
+    magnitudes give sum_m g_m / M exactly), so SGD learning rates and Adam's epsilon keep their
+    meaning. u is known at the step (the EMA up to the Gram just used), so the deferred form
+    applies it to this step's gradients as the exact form does: no task is dropped or
+    amplified by the previous batch's labels. A task never seen yet (u_m = 0) passes at the
+    mean magnitude (c_m = lambda_m).
+    rescale "magnitude": c_m = lambda_m s_m with s_m = u_m / n_m (this step's norms)."""
+    if cfg.ema and cfg.rescale == "paper":
+        known = [x for x in u if x > 0]
+        mean_u = sum(known) / len(known) if known else 1.0
+        return [li * mean_u / ui if ui > 0 else li for li, ui in zip(lam, u)]
+    return [li * si for li, si in zip(lam, s)]
+
+
+def combination_tensor(lam: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cfg: MultiBalanceConfig) -> torch.Tensor:
+    """`combination` as sync-free tensor ops."""
+    if cfg.ema and cfg.rescale == "paper":
+        known = u > 0
+        mean_u = torch.where(known.any(), (u * known).sum() / known.sum().clamp(min=1), torch.ones_like(u[0]))
+        return lam * torch.where(known, mean_u / u.clamp(min=EPS), torch.ones_like(u))
+    return lam * s
+
+
 class MultiBalance(GradientBalancer):
     def __init__(self, num_tasks: int, cfg: MultiBalanceConfig):
         super().__init__(num_tasks)
@@ -143,10 +233,18 @@ class MultiBalance(GradientBalancer):
         if prior.shape != (num_tasks,) or (prior < 0).any() or abs(float(prior.sum()) - 1) > 1e-5:
             raise ValueError(f"balancer.multibalance.prior must be {num_tasks} non-negative numbers summing to 1")
         self.register_buffer("prior", prior, persistent=False)  # lambda0 [M], from the config
-        self._prior = prior.tolist()  # the same, for the host step
+        self._prior = list(cfg.prior) or [1.0 / num_tasks] * num_tasks  # the same, for the host step (float64)
         self.register_buffer("ema_norm", torch.zeros(num_tasks))  # u [M]
         self.weights.copy_(prior)
         self.deferred = DeferredGram(num_tasks) if cfg.deferred else None
+        # the oscillation statistic (logging only, not checkpointed): host counts, and tensor
+        # counts for the tensor step
+        self._reversals, self._last_delta, self._updates = [0] * num_tasks, [0.0] * num_tasks, 0
+        self._moved = [0.0] * num_tasks
+        self.register_buffer("reversals", torch.zeros(num_tasks), persistent=False)
+        self.register_buffer("moved", torch.zeros(num_tasks), persistent=False)
+        self.register_buffer("last_delta", torch.zeros(num_tasks), persistent=False)
+        self.register_buffer("update_count", torch.zeros(()), persistent=False)
         # (lambda, u) as Python floats after a host step: read back from the buffers, which may
         # live on an accelerator, only when unset (first step, after a load or a tensor step)
         self._host: Optional[Tuple[List[float], List[float]]] = None
@@ -167,11 +265,12 @@ class MultiBalance(GradientBalancer):
 
     def _step(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
         """Updates the state from the global Gram factor * gram [M, M]; -> the coefficients
-        scale lambda_m s_m [M], on the buffers' device."""
+        scale c_m [M] of the gradients passed on (`combination`), on the buffers' device."""
         if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
-            lam, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
-            lam, u, s, n = multibalance_update_host(gram.tolist(), lam, u, self._prior, self.cfg, factor)
-            coef = [li * si for li, si in zip(lam, s)]
+            lam0, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
+            lam, u, s, n = multibalance_update_host(gram.tolist(), lam0, u, self._prior, self.cfg, factor)
+            self._count_reversals(lam0, lam)
+            coef = combination(lam, u, s, self.cfg)
             state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
                                  dtype=self.weights.dtype)  # [5, M]
             # kept as the buffers hold them (float32), so that a run resumed from a checkpoint
@@ -183,14 +282,51 @@ class MultiBalance(GradientBalancer):
         else:
             gram = gram.to(self.weights.dtype) * factor
             lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
-            balanced = lam_t * s_t * n_t
-            coef_t = lam_t * s_t * scale
+            delta = lam_t - self.weights
+            self.reversals += (delta * self.last_delta < 0).to(self.reversals.dtype)  # no sync
+            self.moved += delta.abs()
+            self.last_delta.copy_(torch.where(delta != 0, delta, self.last_delta))
+            self.update_count += 1
+            c = combination_tensor(lam_t, u_t, s_t, self.cfg)
+            balanced, coef_t = c * n_t, c * scale
             self._host = None
         self.weights.copy_(lam_t)
         self.ema_norm.copy_(u_t)
         self.grad_norm.copy_(n_t)
         self.grad_norm_balanced.copy_(balanced)
         return coef_t
+
+    def _count_reversals(self, old: List[float], new: List[float]) -> None:
+        """Per task: did lambda_m's update change direction? (host floats; see `stats`)"""
+        for m, (a, b) in enumerate(zip(old, new)):
+            delta = b - a
+            if delta * self._last_delta[m] < 0:
+                self._reversals[m] += 1
+            self._moved[m] += abs(delta)
+            if delta != 0:
+                self._last_delta[m] = delta
+        self._updates += 1
+
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """Adds, per task and since the last call: `lambda_reversal`, the share of updates whose
+        direction reversed the previous one, and `lambda_step`, the mean |change| of lambda_m.
+        Both high (weights jumping back and forth by large steps: beta above the stability
+        limit of these task gradients) gives a warning; a converged lambda jitters (reversals
+        near half the updates) by small steps."""
+        out = super().stats()
+        steps = max(self._updates + int(self.update_count), 1)  # (a read at log steps only)
+        rev = (self.reversals.cpu() + torch.tensor(self._reversals)) / steps
+        moved = (self.moved.cpu() + torch.tensor(self._moved)) / steps
+        out["lambda_reversal"], out["lambda_step"] = rev.to(self.weights.device), moved.to(self.weights.device)
+        if steps >= OSCILLATION_MIN_STEPS and float(rev.mean()) > OSCILLATION_WARN and float(moved.mean()) > JUMP:
+            log.warning("MultiBalance: the task weights reversed direction on %.0f%% of the last %d updates, by "
+                        "%.3f on average (beta = %g is above the stability limit of these task gradients); "
+                        "consider balancer.multibalance.step = 'capped' or a smaller beta",
+                        100 * float(rev.mean()), steps, float(moved.mean()), self.cfg.beta)
+        self._reversals, self._moved, self._updates = [0] * self.num_tasks, [0.0] * self.num_tasks, 0
+        for counts in (self.reversals, self.moved, self.update_count):
+            counts.zero_()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -1,6 +1,9 @@
 """An independent, literal implementation of MultiBalance (Algorithm 3) on explicit gradient
-matrices, in numpy float64: it builds v_m and a = sum_m d_m v_m as vectors (no Gram-matrix
-algebra) and projects onto the simplex by bisection on the threshold (no sorting)."""
+matrices, in numpy float64, written from the paper: per step and per task, line 6
+u_m = (1 - gamma) u_m + gamma ||g_m||, line 7 v_m = g_m / u_m, line 10 lambda = Proj(lambda -
+beta V^T (V lambda + rho V lambda0)) (or its cosine form, Sec. 5), line 11 the combination. It
+builds v_m and a = sum_m d_m v_m as vectors (no Gram-matrix algebra) and projects onto the
+simplex by bisection on the threshold (no sorting)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,13 +23,14 @@ def project_simplex_bisect(y: np.ndarray, mass: float = 1.0) -> np.ndarray:
 
 class ReferenceMultiBalance:
     def __init__(self, m: int, beta: float, rho: float, gamma: float, ema: bool, cosine: bool,
-                 scale_by_tasks: bool = True):
+                 scale_by_tasks: bool = True, rescale: str = "paper", step: str = "paper"):
         self.lam = np.full(m, 1.0 / m)
         self.prior = np.full(m, 1.0 / m)
         self.u = np.zeros(m)
         self.seen = np.zeros(m, bool)
         self.beta, self.rho, self.gamma, self.ema, self.cosine = beta, rho, gamma, ema, cosine
         self.scale = m if scale_by_tasks else 1.0
+        self.rescale, self.step_kind = rescale, step
 
     def step(self, g: np.ndarray) -> np.ndarray:
         """g [M, K] task gradients -> combined gradient [K]; updates lambda."""
@@ -40,7 +44,7 @@ class ReferenceMultiBalance:
             if self.ema:
                 self.u[i] = (1 - self.gamma) * self.u[i] + self.gamma * n if self.seen[i] else n
                 self.seen[i] = True
-                v[i] = self.u[i] / n * g[i]
+                v[i] = g[i] / self.u[i] if self.rescale == "paper" else self.u[i] / n * g[i]
             else:
                 v[i] = g[i]
         a = sum((self.lam[i] + self.rho * self.prior[i]) * v[i] for i in range(m))
@@ -49,8 +53,17 @@ class ReferenceMultiBalance:
             direction = np.array([
                 v[i] @ a / (np.linalg.norm(v[i]) * np.linalg.norm(a)) if active[i] else 0.0
                 for i in range(m)])
-        y = self.lam - self.beta * direction
+        beta = self.beta
+        if self.step_kind == "capped":  # 1 / min(trace, max row sum) of the Jacobian's main part
+            idx = np.flatnonzero(active)
+            vn = np.array([np.linalg.norm(v[i]) for i in idx])
+            jac = np.array([[v[i] @ v[j] for j in idx] for i in idx])
+            if self.cosine:
+                jac = jac / np.sqrt(np.outer(vn, vn)) / np.linalg.norm(a)
+            beta = min(beta, 1.0 / min(np.trace(jac), np.abs(jac).sum(1).max()))
+        y = self.lam - beta * direction
         new = self.lam.copy()
         new[active] = project_simplex_bisect(y[active], 1.0 - self.lam[~active].sum())
         self.lam = new
-        return self.scale * sum(self.lam[i] * v[i] for i in range(m))
+        size = self.u[self.seen].mean() if self.ema and self.rescale == "paper" and self.seen.any() else 1.0
+        return self.scale * size * sum(self.lam[i] * v[i] for i in range(m))

@@ -6,7 +6,8 @@ import torch
 
 from balancing import BalancerConfig, build_balancer
 from balancing.base import local_gram
-from balancing.multibalance import MultiBalance, MultiBalanceConfig, multibalance_update, multibalance_update_host
+from balancing.multibalance import (MultiBalance, MultiBalanceConfig, combination, multibalance_update,
+                                    multibalance_update_host)
 from tests.balancing.reference import ReferenceMultiBalance
 from tests.dist_utils import init_gloo, run_ranks
 
@@ -23,6 +24,14 @@ def backward_through(balancer, grads):
     return h.grad
 
 
+def as_float64(mb):
+    """The balancer in float64, from the exact uniform prior (its float32 buffers hold 1/3
+    rounded), as the float64 reference starts."""
+    mb = mb.double()
+    mb.weights.fill_(1.0 / mb.num_tasks)
+    return mb
+
+
 def random_grads(rng, step, zero_task=None):
     # tasks of very different magnitudes, partly conflicting (like CTR vs CVR)
     scales = np.array([5.0, 0.5, 0.05]) * (1 + 0.3 * np.sin(step))
@@ -33,11 +42,15 @@ def random_grads(rng, step, zero_task=None):
     return g
 
 
-@pytest.mark.parametrize("ema,cosine", list(itertools.product([True, False], [True, False])))
-def test_matches_reference_over_steps(ema, cosine):
-    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, deferred=False)
-    mb = MultiBalance(M, cfg).double()
-    ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, ema, cosine)
+@pytest.mark.parametrize("ema,cosine,rescale,step", [
+    *itertools.product([True, False], [True, False], ["paper"], ["paper"]),
+    (True, True, "magnitude", "paper"), (True, False, "magnitude", "paper"),
+    (True, True, "paper", "capped"), (True, False, "paper", "capped")])
+def test_matches_reference_over_steps(ema, cosine, rescale, step):
+    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, deferred=False, rescale=rescale,
+                             step=step)
+    mb = as_float64(MultiBalance(M, cfg))
+    ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, ema, cosine, rescale=rescale, step=step)
     rng = np.random.default_rng(0)
     for step in range(8):
         g = random_grads(rng, step, zero_task=2 if step == 4 else None)
@@ -49,10 +62,13 @@ def test_matches_reference_over_steps(ema, cosine):
     assert np.abs(ref.lam - 1 / M).max() > 0.05
 
 
-@pytest.mark.parametrize("ema,cosine", list(itertools.product([True, False], [True, False])))
-def test_host_and_tensor_updates_agree_over_steps(ema, cosine):
+@pytest.mark.parametrize("ema,cosine,rescale,step", [
+    *itertools.product([True, False], [True, False], ["paper"], ["paper"]),
+    (True, True, "magnitude", "paper"), (True, True, "paper", "capped"), (True, False, "paper", "capped")])
+def test_host_and_tensor_updates_agree_over_steps(ema, cosine, rescale, step):
     """CPU training runs the step in Python floats, accelerators as tensor ops: same numbers."""
-    cfg = MultiBalanceConfig(beta=2.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine)
+    cfg = MultiBalanceConfig(beta=2.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, rescale=rescale, step=step,
+                             deferred=rescale == "paper")
     lam = torch.full((M,), 1 / M, dtype=torch.float64)
     prior, u = lam.clone(), torch.zeros(M, dtype=torch.float64)
     host = (lam.tolist(), u.tolist())
@@ -176,8 +192,8 @@ def test_deferred_on_two_ranks_follows_the_exact_weights_one_step_late():
 def test_deferred_follows_the_exact_sequence_one_step_late():
     """Step t combines g_t with the weights and scales step t-1 computed exactly: the same
     state sequence, one step late, also across a task without labels and an all-zero step."""
-    exact = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)).double()
-    late = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)).double()
+    exact = as_float64(MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)))
+    late = as_float64(MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)))
     rng = np.random.default_rng(6)
     grads = [torch.tensor(random_grads(rng, s, zero_task=1 if s == 3 else None)) for s in range(7)]
     grads[5] = torch.zeros_like(grads[5])
@@ -189,9 +205,13 @@ def test_deferred_follows_the_exact_sequence_one_step_late():
         torch.testing.assert_close(late.weights, exact.weights)  # exact has seen g_0 .. g_{t-1}
         torch.testing.assert_close(late.ema_norm, exact.ema_norm)
         backward_through(exact, g)
-        # the coefficients exact used at t are what late uses at t + 1
+        # the coefficients exact used at t are what late uses at t + 1: mean(u) lambda_m / u_m,
+        # for a task without gradient at t too (it is not dropped at t + 1)
         n = exact.grad_norm
-        coef_prev = torch.where(n > 0, exact.grad_norm_balanced / n.clamp(min=1e-300), 0.0) * M
+        coef_prev = torch.tensor(combination(exact.weights.tolist(), exact.ema_norm.tolist(), [], exact.cfg),
+                                 dtype=torch.float64) * M
+        used = torch.where(n > 0, exact.grad_norm_balanced / n.clamp(min=1e-300), 0.0) * M
+        torch.testing.assert_close(used[n > 0], coef_prev[n > 0].to(used.dtype))
     assert (late.weights - 1 / M).abs().max() > 0.05
 
 
@@ -221,3 +241,66 @@ def test_a_loaded_state_replaces_the_host_copy_of_the_weights():
         g = torch.tensor(random_grads(rng, step))
         np.testing.assert_array_equal(backward_through(a, g).numpy(), backward_through(b, g).numpy())
         np.testing.assert_array_equal(a.weights.numpy(), b.weights.numpy())
+
+
+def test_magnitude_rescale_needs_the_exact_form():
+    with pytest.raises(ValueError, match="deferred = false, or rescale = 'paper'"):
+        MultiBalanceConfig(rescale="magnitude", deferred=True)
+    with pytest.raises(ValueError, match="rescale must be one of"):
+        MultiBalanceConfig(rescale="u_over_n")
+
+
+def test_deferred_task_whose_labels_go_from_none_to_few_to_many():
+    """Task 2 has no labelled row at steps 0-2, a few at step 3 (a gradient 100x smaller), many
+    after. The deferred form never drops it once it has a gradient, and combines each step's
+    gradients with the coefficients the exact form used one step before (nothing taken from
+    the previous batch's norms)."""
+    cfg = dict(beta=1.0, gamma=0.01)
+    exact = as_float64(MultiBalance(M, MultiBalanceConfig(**cfg, deferred=False)))
+    late = as_float64(MultiBalance(M, MultiBalanceConfig(**cfg, deferred=True)))
+    rng = np.random.default_rng(3)
+    prev = None
+    for t in range(8):
+        g = random_grads(rng, t)
+        g[2] = 0 if t < 3 else g[2] * (0.01 if t == 3 else 1.0)
+        g = torch.tensor(g)
+        got = backward_through(late, g)
+        coef = np.linalg.lstsq(g.reshape(M, -1).T.numpy(), got.reshape(-1).numpy(), rcond=None)[0]
+        if t == 3:  # the first step with labels: included (never seen: at the mean magnitude)
+            assert coef[2] > 0.5
+        if prev is not None:
+            has = g.reshape(M, -1).abs().sum(1).numpy() > 0  # (a zero gradient's coefficient is undefined)
+            np.testing.assert_allclose(coef[has], prev[has], rtol=1e-6, atol=1e-9)
+        backward_through(exact, g)
+        prev = np.array(combination(exact.weights.tolist(), exact.ema_norm.tolist(), [], exact.cfg)) * M
+    assert late.ema_norm[2] > 0
+
+
+def _oscillating_run(step: str, beta: float, steps: int = 60):
+    """Three near-orthogonal task gradients (cosines ~0, the demo's regime) of fixed size."""
+    mb = MultiBalance(M, MultiBalanceConfig(beta=beta, step=step, deferred=False)).double()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(M, B, N))
+    lams = []
+    for t in range(steps):
+        backward_through(mb, torch.tensor(base + 0.05 * rng.normal(size=(M, B, N))))
+        lams.append(mb.weights.numpy().copy())
+    return mb, np.array(lams)
+
+
+def test_capped_step_stops_the_oscillation_of_large_beta(caplog):
+    import logging
+    paper, lam_paper = _oscillating_run("paper", 5.0)
+    capped, lam_capped = _oscillating_run("capped", 5.0)
+    with caplog.at_level(logging.WARNING):
+        st = paper.stats()
+    assert st["lambda_reversal"].mean() > 0.8 and st["lambda_step"].mean() > 0.3
+    assert "reversed direction" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        st = capped.stats()
+    assert st["lambda_step"].mean() < 0.05 and "reversed direction" not in caplog.text
+    # the paper's step jumps between corners; the capped one settles (late steps barely move)
+    assert np.abs(np.diff(lam_paper[-10:], axis=0)).max() > 0.3
+    assert np.abs(np.diff(lam_capped[-10:], axis=0)).max() < 0.02
+    assert capped.stats()["lambda_step"].sum() == 0  # counts restart at every stats() call

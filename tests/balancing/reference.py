@@ -6,7 +6,12 @@ builds v_m and a = sum_m d_m v_m as vectors (no Gram-matrix algebra) and project
 simplex by bisection on the threshold (no sorting)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import torch
+
+from balancing.weighting import solve_small
 
 
 def project_simplex_bisect(y: np.ndarray, mass: float = 1.0) -> np.ndarray:
@@ -67,3 +72,29 @@ class ReferenceMultiBalance:
         self.lam = new
         size = self.u[self.seen].mean() if self.ema and self.rescale == "paper" and self.seen.any() else 1.0
         return self.scale * size * sum(self.lam[i] * v[i] for i in range(m))
+
+
+def min_norm_simplex_exact(gram: torch.Tensor) -> torch.Tensor:
+    """argmin_{a in simplex} a^T G a, exactly, by enumerating the active sets (M <= 10).
+
+    On each support S the minimiser with sum(a_S) = 1 solves the KKT system
+    [G_SS 1; 1^T 0] [a_S; mu] = [0; 1]; the best feasible (a_S >= 0) candidate over all S is
+    the global minimum (the problem is convex, and its solution lies on some support)."""
+    m = gram.shape[0]
+    g = gram.detach().to("cpu", torch.float64).tolist()
+    best, best_val = [1.0 / m] * m, float("inf")
+    for size in range(1, m + 1):
+        for s in itertools.combinations(range(m), size):
+            kkt = [[g[i][j] for j in s] + [1.0] for i in s] + [[1.0] * size + [0.0]]
+            sol = solve_small(kkt, [0.0] * size + [1.0])
+            if sol is None or min(sol[:size]) < -1e-10:
+                continue  # singular (a smaller support has the same optimum) or infeasible
+            a = [0.0] * m
+            for i, v in zip(s, sol[:size]):
+                a[i] = max(v, 0.0)
+            total = sum(a)
+            a = [v / total for v in a]
+            val = sum(a[i] * g[i][j] * a[j] for i in range(m) for j in range(m))
+            if best_val == float("inf") or val < best_val - 1e-15 * max(1.0, abs(best_val)):
+                best, best_val = a, val
+    return torch.tensor(best, dtype=gram.dtype, device=gram.device)

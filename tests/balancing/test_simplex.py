@@ -57,3 +57,39 @@ def test_host_projection_equals_the_tensor_one(m):
         want = project_simplex(torch.tensor(y), torch.tensor(active), torch.tensor(old)).numpy()
         got = project_simplex_host(y.tolist(), active.tolist(), old.tolist())
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _kkt_gap(gram: np.ndarray, a: np.ndarray) -> float:
+    """Optimality of a on the simplex for a^T G a: every (G a)_k >= a^T G a (no vertex descends)."""
+    ga = gram @ a
+    return float(a @ ga - ga.min())
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+def test_min_norm_solver_matches_the_exact_enumeration(m):
+    from balancing.weighting import min_norm_simplex
+    from tests.balancing.reference import min_norm_simplex_exact
+    rng = np.random.default_rng(m)
+    for trial in range(40):
+        rank = m if trial % 3 else max(1, m // 2)  # also rank-deficient Grams (aligned tasks)
+        x = rng.normal(size=(m, rank)) * rng.lognormal(0, 1.5, size=(m, 1))
+        if trial % 4 == 0:
+            x[1] = x[0] * 0.5  # a duplicated direction
+        gram = torch.tensor(x @ x.T)
+        got, want = min_norm_simplex(gram).numpy(), min_norm_simplex_exact(gram).numpy()
+        g = gram.numpy()
+        assert got.min() >= 0 and abs(got.sum() - 1) < 1e-12
+        assert got @ g @ got <= want @ g @ want + 1e-9 * np.abs(g).max()
+
+
+@pytest.mark.parametrize("m", [12, 16, 24])
+def test_min_norm_solver_scales_and_is_optimal(m):
+    """Beyond what enumeration can do (2^24 supports): the KKT conditions certify the optimum."""
+    from balancing.weighting import min_norm_simplex
+    rng = np.random.default_rng(m)
+    for trial in range(10):
+        x = rng.normal(size=(m, 64)) + (2.0 if trial % 2 else 0.0)  # conflicting, then aligned tasks
+        gram = torch.tensor(x @ x.T)
+        a = min_norm_simplex(gram).numpy()
+        assert a.min() >= 0 and abs(a.sum() - 1) < 1e-12
+        assert _kkt_gap(gram.numpy(), a) <= 1e-9 * np.abs(gram.numpy()).max()

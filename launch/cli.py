@@ -114,19 +114,29 @@ def cmd_compare(args) -> int:
     if "equal" not in methods:
         methods = ["equal"] + methods
     overrides = list(args.set) + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
-    ensure_dataset(load_config(args.config, overrides).synth) if args.synth else None
+    if args.synth and _has_section(args.config, "synth"):  # a config without [synth] brings its own data
+        ensure_dataset(load_config(args.config, overrides).synth)
     entries = plan(args.config, overrides, methods, [float(b) for b in args.betas.split(",") if b],
                    args.seeds, not args.no_single_task, out)
+    log.info("compare: %d runs (%s), %s", len(entries), ", ".join(dict.fromkeys(e[0] for e in entries)),
+             f"{args.steps} steps each" if args.steps else "the config's epochs / max_steps")
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     plan_file.write_text(json.dumps(entries, indent=1))
-    rc = launch(args.config, [], args.scheduler, args.j, component_fn="compare",
+    from launch.demo import default_j
+    rc = launch(args.config, [], args.scheduler, args.j or default_j(), component_fn="compare",
                 extra=["--plan", str(plan_file)])
     if rc != 0:
         log.error("the compare job failed (exit status %d); no report written", rc)
         return rc
     write_compare_report(out)
     return 0
+
+
+def _has_section(config: str, name: str) -> bool:
+    import tomllib
+    with open(config, "rb") as f:
+        return name in tomllib.load(f)
 
 
 def cmd_compare_worker(args) -> int:
@@ -221,12 +231,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show (flags, empty values)."""
+
+    def _get_help_string(self, action):
+        if action.help is None or action.nargs == 0 or action.default in (None, "", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mbrec", description="Multi-task recommendation trainer with MultiBalance")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    helps = {"synth": "write the synthetic dataset of [synth]", "train": "train in this process (one rank)",
+             "launch": "train through torchx", "demo": "synth + equal and MultiBalance runs + report",
+             "compare": "every balancing method + single-task models, paired over seeds",
+             "bench": "training QPS of the variants", "plan": "sharding plan and memory per GPU, simulated",
+             "validate": "decode every row group once; list every error",
+             "bench-data": "reader rows/s next to pyarrow's decode"}
 
     def add(name: str, fn, config_required: bool = True):
-        sp = sub.add_parser(name)
+        # internal commands (the workers torchx starts) get no help line: not listed
+        kw = {"help": helps[name]} if name in helps else {}
+        sp = sub.add_parser(name, formatter_class=_Help, **kw)
         if config_required:
             sp.add_argument("config")
         else:
@@ -235,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    def add_launcher(sp) -> None:
-        sp.add_argument("-s", "--scheduler", default="local_cwd")
-        sp.add_argument("-j", default="1x2", help="NNODESxNPROC_PER_NODE")
+    def add_launcher(sp, j: Optional[str] = "1x2") -> None:
+        sp.add_argument("-s", "--scheduler", default="local_cwd", help="torchx scheduler")
+        sp.add_argument("-j", default=j, help="NNODESxNPROC_PER_NODE" + ("" if j else " (default: 1x2, or 1xGPUs up to 2)"))
 
     add("synth", cmd_synth)
     add("train", cmd_train)
@@ -250,13 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE (default: 1x2, or 1xGPUs up to 2)")
     sp = add("compare", cmd_compare, config_required=False)
-    add_launcher(sp)
-    sp.add_argument("--methods", default="", help="comma-separated; default: all")
-    sp.add_argument("--seeds", type=int, default=3)
-    sp.add_argument("--betas", default="0.5,2,5", help="MultiBalance beta sweep (besides the config's)")
-    sp.add_argument("--steps", type=int, default=1000, help="training steps per run (0: the config's)")
-    sp.add_argument("--no-single-task", action="store_true")
-    sp.add_argument("--no-synth", dest="synth", action="store_false", help="do not generate the dataset")
+    add_launcher(sp, j=None)
+    sp.add_argument("--methods", default="", help="comma-separated (default: all)")
+    sp.add_argument("--seeds", type=int, default=3, help="paired seeds: each seed, every method")
+    sp.add_argument("--betas", default="", help="extra MultiBalance variants at these betas, e.g. 0.5,2,5")
+    sp.add_argument("--steps", type=int, default=0, help="training steps per run (0: the config's epochs)")
+    sp.add_argument("--no-single-task", action="store_true", help="skip the single-task models")
+    sp.add_argument("--no-synth", dest="synth", action="store_false",
+                    help="do not generate the dataset (only done for a config with [synth])")
     sp.add_argument("--out", default="runs/compare")
     add("compare-worker", cmd_compare_worker).add_argument("--plan", required=True)
     for name, fn in (("bench", cmd_bench), ("bench-worker", cmd_bench_worker)):
@@ -283,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/bench/bench_data.json")
     sp.add_argument("--as-strings", metavar="DIR", default="",
                     help="measure a copy of the training files (written to DIR) whose ids are strings")
-    sp = sub.add_parser("schema", help="draft a [data] section from Parquet logs")
+    sp = sub.add_parser("schema", help="draft a [data] section from Parquet logs",
+                        formatter_class=_Help)
     sp.add_argument("paths", nargs="+", help="files, directories, globs or URIs (s3://...)")
     sp.set_defaults(fn=cmd_schema)
-    sp = sub.add_parser("report")
+    sp = sub.add_parser("report", help="tables, report.md and plots of finished runs",
+                        formatter_class=_Help)
     sp.add_argument("runs", nargs="+")
     sp.add_argument("--out", default="runs/report")
     sp.set_defaults(fn=cmd_report)

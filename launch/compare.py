@@ -64,14 +64,20 @@ def plan(config: str, overrides: List[str], methods: List[str], betas: List[floa
 
 def run_plan(config: str, plan_file: str) -> int:
     """The job's entry point on every rank: trains the planned runs one after another."""
+    import time
     from trainer.loop import train
     entries = json.loads(Path(plan_file).read_text())
+    durations: List[float] = []
     for i, (name, seed, overrides) in enumerate(entries):
         cfg = load_config(config, overrides)
         if (Path(cfg.trainer.out_dir) / "summary.json").is_file():
             continue  # finished in an earlier, interrupted compare
-        log.info("[%d/%d] %s seed %d", i + 1, len(entries), name, seed)
-        train(cfg)
+        t0 = time.perf_counter()
+        summary = train(cfg)
+        durations.append(time.perf_counter() - t0)
+        left = (len(entries) - i - 1) * sum(durations) / len(durations)
+        log.info("[%d/%d] %s seed %d: %d steps in %.0f s; about %.0f min left", i + 1, len(entries), name, seed,
+                 summary["steps"], durations[-1], left / 60)
     return 0
 
 
@@ -83,11 +89,36 @@ def _load(out: Path) -> Dict[str, List[dict]]:
 
 
 def _ms(values: List[float], fmt: str = "{:+.3f}") -> str:
+    """mean ± std (levels: NE, QPS)."""
     import numpy as np
     if not values:
         return "-"
     m, s = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return (fmt + " ± " + fmt.replace("+", "")).format(m, s)
+
+
+T975 = [float("nan"), 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # by n - 1
+T80 = [float("nan"), 1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879]  # one-sided, 80 %
+
+
+def interval(values: List[float]) -> Tuple[float, float, float]:
+    """mean, 95 % half-width (t, n - 1 degrees of freedom) and the smallest effect a paired test
+    at 5 % would detect with 80 % power, (t_0.975 + t_0.8) sd / sqrt(n), of paired differences."""
+    import numpy as np
+    n = len(values)
+    if n < 2:
+        return (float(np.mean(values)) if values else float("nan")), float("nan"), float("nan")
+    sd = float(np.std(values, ddof=1)) / np.sqrt(n)
+    t, p = (T975[n - 1], T80[n - 1]) if n - 1 < len(T975) else (1.96, 0.842)
+    return float(np.mean(values)), t * sd, (t + p) * sd
+
+
+def _ci(values: List[float], fmt: str = "{:+.3f}") -> str:
+    """mean ± 95 % half-width of paired differences."""
+    if not values:
+        return "-"
+    m, h, _ = interval(values)
+    return (fmt + " ± " + fmt.replace("+", "")).format(m, h) if h == h else fmt.format(m) + " (1 seed)"
 
 
 def gains_by_seed(runs: Dict[str, List[dict]], name: str, tasks: List[str]) -> Dict[str, List[float]]:
@@ -118,28 +149,59 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
     noise = {c: float(np.std(gains["multibalance"][c], ddof=1)) if "multibalance" in gains and len(gains["multibalance"][c]) > 1 else float("nan") for c in cols}
 
     def gain_cell(n, c):
-        cell = _ms(gains[n][c])
+        cell = _ci(gains[n][c])
         return f"**{cell}**" if best.get(c) == n else cell
+
+    still = {n for n in joint if all(max(r["final_weights"]) - min(r["final_weights"]) < 1e-6 for r in runs[n])}
 
     t3 = markdown_table(["method"] + [f"NE gain {c} %" for c in cols] + ["seeds"],
                         [["equal (NE)"] + [_ms([r["eval"][t]["ne"] for r in runs["equal"]], "{:.5f}") for t in tasks]
                          + [_ms([float(np.mean([r["eval"][t]["ne"] for t in tasks])) for r in runs["equal"]], "{:.5f}"),
                             str(len(runs["equal"]))]]
-                        + [[n] + [gain_cell(n, c) for c in cols] + [str(len(runs[n]))] for n in gains])
-    t2 = markdown_table(["method", "train QPS (rows/s)", "QPS drop vs equal %", "avg NE gain %"],
+                        + [[n + (" (weights never left uniform)" if n in still and n != "equal" else "")]
+                           + [gain_cell(n, c) for c in cols] + [str(len(runs[n]))] for n in gains])
+    mde = markdown_table(["method", "average NE gain %", "95 % interval", "smallest detectable effect %"],
+                         [[n, *(f"{x:+.3f}" if i == 0 else f"{x:.3f}" for i, x in enumerate(interval(gains[n]["average"])))]
+                          for n in gains])
+    auc = markdown_table(["method"] + [f"AUC {t}" for t in tasks] + ["AUC average"],
+                         [[n] + [_ms([r["eval"][t]["auc"] for r in runs[n]], "{:.4f}") for t in tasks]
+                          + [_ms([float(np.mean([r["eval"][t]["auc"] for t in tasks])) for r in runs[n]], "{:.4f}")]
+                          for n in joint])
+    t2 = markdown_table(["method", "train QPS (rows/s)", "QPS drop vs equal % (indicative)", "avg NE gain %"],
                         [[n, _ms(qps[n], "{:.0f}"), _ms([100 * (1 - q / base_qps) for q in qps[n]], "{:+.2f}"),
-                          _ms(gains[n]["average"]) if n in gains else "0"] for n in joint])
+                          _ci(gains[n]["average"]) if n in gains else "0"] for n in joint])
     singles = {t: runs.get(f"single_{t}", []) for t in tasks}
     nt = markdown_table(["task", "NE joint (equal weights)", "NE single-task", "joint vs single %", "negative transfer"],
                         [[t, _ms([r["eval"][t]["ne"] for r in runs["equal"]], "{:.5f}"),
                           _ms([r["eval"][t]["ne"] for r in singles[t]], "{:.5f}"),
-                          _ms([100 * (s["eval"][t]["ne"] - j["eval"][t]["ne"]) / s["eval"][t]["ne"]
-                               for j, s in zip(runs["equal"], singles[t])]),
-                          ("yes" if singles[t] and np.mean([r["eval"][t]["ne"] for r in runs["equal"]])
-                           > np.mean([r["eval"][t]["ne"] for r in singles[t]]) else "no") if singles[t] else "-"]
-                         for t in tasks])
-    return {"table3": t3, "table2": t2, "negative_transfer": nt,
+                          _ci(_joint_vs_single(runs["equal"], singles[t], t)),
+                          _transfer_verdict(_joint_vs_single(runs["equal"], singles[t], t))] for t in tasks])
+    return {"table3": t3, "table2": t2, "negative_transfer": nt, "mde": mde, "auc": auc,
             "noise": ", ".join(f"{c}: {v:.3f}" for c, v in noise.items())}
+
+
+def _joint_vs_single(joint: List[dict], single: List[dict], task: str) -> List[float]:
+    """Per seed (paired): 100 (NE single - NE joint) / NE single; > 0: the joint model is better."""
+    by_seed = {r["seed"]: r for r in single}
+    return [100 * (by_seed[j["seed"]]["eval"][task]["ne"] - j["eval"][task]["ne"]) / by_seed[j["seed"]]["eval"][task]["ne"]
+            for j in joint if j["seed"] in by_seed]
+
+
+def _transfer_verdict(diffs: List[float]) -> str:
+    """Negative transfer only where the 95 % interval of the paired differences is below 0."""
+    if not diffs:
+        return "-"
+    m, h, _ = interval(diffs)
+    if h != h:
+        return "undecided (1 seed)"
+    return "yes" if m + h < 0 else "no" if m - h > 0 else "within noise"
+
+
+def _what_ran(runs: Dict[str, List[dict]]) -> str:
+    steps = sorted({r["steps"] for rs in runs.values() for r in rs})
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    return (f"{len(runs)} variants x {len(seeds)} seed(s), {' / '.join(map(str, steps))} training steps per run, "
+            f"{runs['equal'][0]['world_size']} rank(s)")
 
 
 def write_compare_report(out: Path) -> str:
@@ -157,12 +219,21 @@ def write_compare_report(out: Path) -> str:
     plots = [p for p in plots if p is not None]
     text = "\n".join([
         "# mbrec compare", "",
+        f"What ran: {_what_ran(runs)}.", "",
         "NE gain = 100 (NE(equal) - NE(method)) / NE(equal), per seed against the equal-weights run "
-        "of the same seed; mean ± std over seeds; best per column in bold. Positive is better; "
-        "the paper calls a change of 0.05 % significant.", "",
+        "of the same seed (same initialisation, same data order); mean ± 95 % interval of those "
+        "paired differences; best per column in bold. Positive is better; the paper calls a change "
+        "of 0.05 % significant.", "",
         "## NE gain vs equal weights (paper Table 3; beta sweep = Table 4)", "", tables["table3"], "",
         f"Seed-to-seed std of MultiBalance's gain: {tables['noise']}", "",
+        "## What these runs can resolve", "", tables["mde"], "",
+        "The interval is that of the paired (same seed) differences; the smallest detectable effect is "
+        "the average gain a paired t-test at 5 % would find with 80 % power, given this spread and "
+        "number of seeds. A gain inside its interval's reach of 0 is noise.", "",
+        "## AUC", "", tables["auc"], "",
         "## Training throughput, same job (paper Table 2)", "", tables["table2"], "",
+        "Throughput here is indicative (runs share the machine with whatever else runs on it); "
+        "`mbrec bench` measures it, with rounds and paired ratios.", "",
         "## Negative transfer: joint (equal weights) vs single-task models", "", tables["negative_transfer"], "",
         "Joint vs single > 0: the joint model is better on that task; negative transfer = the joint "
         "model is worse than the single-task one.", "",

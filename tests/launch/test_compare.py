@@ -54,3 +54,30 @@ def test_report_gains_are_per_seed_against_equal(tmp_path):
     assert "+3.00 ± 1.41" in text  # QPS drop 2 % and 4 %
     assert "| ctr | 0.81000 ± 0.01414 | 0.79000 ± 0.00000 |" in text  # joint vs single-task
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6 * 2
+
+
+def test_intervals_detectable_effect_and_transfer_verdicts():
+    from launch.compare import _transfer_verdict, interval
+    m, h, mde = interval([0.1, 0.3, 0.2])  # sd 0.1, n 3: t = 4.303
+    assert m == pytest.approx(0.2) and h == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert mde == pytest.approx((4.303 + 1.061) * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert _transfer_verdict([-1.0, -1.2, -0.9]) == "yes"  # the joint model is worse, beyond noise
+    assert _transfer_verdict([-0.1, 0.2, 0.05]) == "within noise"
+    assert _transfer_verdict([0.5, 0.6, 0.4]) == "no"
+    assert _transfer_verdict([-1.0]) == "undecided (1 seed)"
+
+
+def test_report_flags_weights_that_never_moved_and_says_what_ran(tmp_path):
+    fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
+    fake_run(tmp_path, "moco", 0, [0.80, 0.90], 100.0)  # final weights [0.5, 0.5]: never left uniform
+    text = write_compare_report(tmp_path)
+    assert "moco (weights never left uniform)" in text
+    assert "What ran: 2 variants x 1 seed(s), 10 training steps per run, 2 rank(s)" in text
+    assert "## AUC" in text and "indicative" in text
+
+
+def test_compare_writes_no_dataset_for_a_config_without_synth(tmp_path):
+    from launch.cli import _has_section
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ntrain = ["x"]\n')
+    assert not _has_section(str(cfg), "synth") and _has_section("launch/configs/demo.toml", "synth")

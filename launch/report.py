@@ -71,7 +71,8 @@ def plot_balancing(run: Path, tasks: List[str], out: Path, name: str = "") -> Op
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("grad_norm", "weight", "grad_norm_balanced"),
-                              ("||g_m|| before balancing", "task weight lambda_m", "||lambda_m v_m|| after balancing")):
+                              ("||g_m|| before balancing", "task weight lambda_m",
+                               "||c_m g_m|| passed on (mean(u) lambda_m v_m)")):
         for t in tasks:
             ax.plot(steps, [r[f"{key}/{t}"] for r in rows], label=t)
         ax.set_title(title)

@@ -52,7 +52,7 @@ class BenchConfig:
 # the multi-task variants: name -> (balancer method, MultiBalance's `deferred`, None = as configured)
 MULTI_TASK = {"equal": ("equal", None), "multibalance": ("multibalance", None),
               "multibalance_exact": ("multibalance", False), "multibalance_deferred": ("multibalance", True),
-              "param_mgda": ("param_mgda", None)}
+              "param_mgda": ("param_mgda", None), "mgda": ("mgda", None)}
 
 
 def random_batches(cfg, n: int, seed: int) -> List[Batch]:

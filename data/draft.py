@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data.footers import id_value_type, is_string_like
+from data.footers import id_value_type, is_string_like, spread
 from data.storage import open_parquet, resolve_files
 from data.transforms import AUTO_RANGE
 
@@ -91,8 +91,8 @@ def draft(patterns: Sequence[str]) -> str:
     metas = [open_parquet(f).metadata for f in files]
     total = sum(m.num_rows for m in metas)
     units = [(f, i) for f, m in zip(files, metas) for i in range(m.num_row_groups)]
-    picks = sorted({int(i) for i in np.linspace(0, len(units) - 1, min(SAMPLE_ROW_GROUPS, len(units)))})
-    sample = pa.concat_tables([open_parquet(units[i][0]).read_row_group(units[i][1]) for i in picks],
+    sample = pa.concat_tables([open_parquet(units[i][0]).read_row_group(units[i][1])
+                               for i in spread(len(units), SAMPLE_ROW_GROUPS)],
                               promote_options="permissive")
     cols = [_classify(name, sample.column(name), total) for name in sample.column_names]
     return _format(patterns, len(files), total, sample.num_rows, cols)

@@ -20,6 +20,13 @@ from data.storage import open_parquet, resolve_files
 FOOTER_THREADS = 16
 
 
+def spread(n: int, k: int) -> List[int]:
+    """Up to k indices of range(n), evenly spread (first and last included): the row groups a
+    sample reads."""
+    import numpy as np
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(k, n))}) if n else []
+
+
 def is_string_like(tp: pa.DataType) -> bool:
     return (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_binary(tp)
             or pa.types.is_large_binary(tp) or pa.types.is_fixed_size_binary(tp))

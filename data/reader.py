@@ -7,10 +7,12 @@ boundaries, so its batch count is ceil(rows / batch_size); every rank can comput
 rank's count from the Parquet footers alone, without communication (see `batches_per_rank`).
 
 Bad input raises `DataError` naming the file and column: missing file or column, wrong
-column type, a label outside {0, 1}, an out-of-range id under id_policy="error". Null dense
-values are replaced by `dense_fill` and counted; a null label masks that row for that task;
-a null single id gives the row no id for that feature (counted). Out-of-range or negative ids
-under id_policy="hash" are remapped with `hash_ids` (counted).
+column type, a binary label outside {0, 1}, a non-finite regression label or weight, an
+out-of-range id under id_policy="error". Dense columns go through the run's transforms
+(data.transforms) and nulls are filled after them (counted); a null label masks that row for
+that task; a null single id gives the row no id for that feature (counted). String ids are
+hashed (data.hashing, counted); out-of-range or negative integer ids under id_policy="hash"
+are remapped with `hash_ids` (counted).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import COUNTERS, Batch
 from data.errors import DataError
-from data.footers import Footers, id_value_type, is_string_like, read_footers
+from data.footers import Footers, id_value_type, is_string_like, read_footers, spread
 from data.hashing import hash_ids, hash_strings
 from data.storage import open_parquet
 from data.schema import DataConfig
@@ -392,26 +394,21 @@ def _as_is(chunk: Chunk) -> Chunk:
     return chunk
 
 
-def sample_dense(footers: Footers, cfg: DataConfig) -> np.ndarray:
-    """Raw dense values [N, D] (NaN where null) of up to cfg.stats_row_groups training row
-    groups, spread evenly over the units (for the transforms' statistics)."""
-    parts = [np.zeros((0, len(cfg.dense)), np.float32)]
-    for path, rg in _sample_units(footers, cfg):
+def sample_table(footers: Footers, cfg: DataConfig, columns: Sequence[str]) -> Optional[pa.Table]:
+    """`columns` of up to cfg.stats_row_groups training row groups, spread evenly over the units
+    (for the transforms' statistics and the id health); None without units. Read once on rank 0
+    at start: `fit_transforms` and `id_health` take the same sample."""
+    tables = []
+    for i in spread(len(footers.units), cfg.stats_row_groups):
+        path, rg = footers.units[i]
         try:
-            table = open_parquet(path).read_row_group(rg, columns=list(cfg.dense))
+            tables.append(open_parquet(path).read_row_group(rg, columns=list(columns)))
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
-        parts.append(_as_float_matrix(table, cfg.dense))
-    return np.concatenate(parts)
+    return pa.concat_tables(tables) if tables else None
 
 
-def _sample_units(footers: Footers, cfg: DataConfig) -> List[Tuple[str, int]]:
-    units = footers.units
-    picks = sorted({int(i) for i in np.linspace(0, len(units) - 1, min(cfg.stats_row_groups, len(units)))})
-    return [units[i] for i in picks] if units else []
-
-
-def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
+def id_health(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = None) -> Dict[str, Dict[str, float]]:
     """Per sparse feature, from the sampled training row groups: distinct ids seen, the table's
     rows, the share of integer ids outside [0, n) (remapped), and the share of the ids expected
     to share a row with another (hashing D distinct ids into n rows occupies n (1 - exp(-D/n))
@@ -419,16 +416,11 @@ def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
     a lower bound of the split's distinct ids, so the share is one too; for partly remapped
     integer ids it is an estimate (in-range ids are counted as hashed). Warns when a table looks
     too small (over 20 % of ids colliding)."""
+    if sample is None:
+        sample = sample_table(footers, cfg, sorted({f.column for f in cfg.sparse}))
     out: Dict[str, Dict[str, float]] = {}
-    columns = sorted({f.column for f in cfg.sparse})
-    tables = []
-    for path, rg in _sample_units(footers, cfg):
-        try:
-            tables.append(open_parquet(path).read_row_group(rg, columns=columns))
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: row group {rg}: cannot read: {e}") from e
-    for f in cfg.sparse:
-        ids = pa.chunked_array([c for t in tables for c in t.column(f.column).chunks], footers_type(tables, f.column))
+    for f in cfg.sparse if sample is not None else []:
+        ids = sample.column(f.column)
         flat = pc.list_flatten(ids) if pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type) else ids
         distinct = pc.count_distinct(flat).as_py() if len(flat) else 0
         n = f.num_embeddings
@@ -448,17 +440,15 @@ def id_health(footers: Footers, cfg: DataConfig) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def footers_type(tables: List[pa.Table], column: str) -> pa.DataType:
-    return tables[0].schema.field(column).type if tables else pa.int64()
-
-
-def fit_transforms(footers: Footers, cfg: DataConfig) -> FittedTransforms:
-    """The dense transforms of a run, fitted on its training split (reads a sample only if needed)."""
+def fit_transforms(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = None) -> FittedTransforms:
+    """The dense transforms of a run, fitted on its training split (reads a sample only if
+    needed and none is given)."""
     args = (cfg.dense, cfg.transform, cfg.dense_transform, cfg.dense_fill)
-    needed = needs_sample(*args, footers.ranges) and footers.units
-    sample = sample_dense(footers, cfg) if needed else np.zeros((0, len(cfg.dense)), np.float32)
+    if sample is None and needs_sample(*args, footers.ranges):
+        sample = sample_table(footers, cfg, cfg.dense)
+    raw = _as_float_matrix(sample, cfg.dense) if sample is not None else np.zeros((0, len(cfg.dense)), np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
-        return fit(*args, sample, footers.ranges)
+        return fit(*args, raw, footers.ranges)
 
 
 class DataSource:

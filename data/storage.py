@@ -29,17 +29,20 @@ def is_uri(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _filesystem(prefix: str, pid: int) -> pafs.FileSystem:
-    """One filesystem per scheme://authority?query and process (`pid`: a forked DataLoader
-    worker must not reuse its parent's S3 client, whose threads did not survive the fork)."""
+def _filesystem(prefix: str, pid: int) -> Tuple[pafs.FileSystem, str]:
+    """-> (filesystem, the path of the URI's authority inside it: "bucket" for s3://bucket, ""
+    for hdfs://namenode:8020), once per scheme://authority?query and process (`pid`: a forked
+    DataLoader worker must not reuse its parent's S3 client, whose threads did not survive
+    the fork). Files then cost no filesystem construction of their own."""
     try:
-        return pafs.FileSystem.from_uri(prefix)[0]
+        fs, root = pafs.FileSystem.from_uri(prefix)
+        return fs, root.rstrip("/")
     except pa.ArrowInvalid as e:  # a scheme pyarrow does not know: fsspec may (memory://, az://...)
         if "Unrecognized filesystem type" not in str(e):
             raise
         import fsspec
         fs, _ = fsspec.core.url_to_fs(prefix)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), urlsplit(prefix).netloc
 
 
 def split(uri: str) -> Tuple[pafs.FileSystem, str]:
@@ -47,14 +50,14 @@ def split(uri: str) -> Tuple[pafs.FileSystem, str]:
     if not is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return pafs.LocalFileSystem(), parts.path
     prefix = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
     try:
-        fs = _filesystem(prefix, os.getpid())
+        fs, root = _filesystem(prefix, os.getpid())
     except (OSError, pa.ArrowException, ImportError, ValueError) as e:
         raise DataError(f"{uri}: no filesystem for this URI: {e}") from e
-    if isinstance(fs, pafs.PyFileSystem) or parts.scheme == "file":
-        return fs, (parts.netloc + parts.path if parts.scheme != "file" else parts.path)
-    return fs, pafs.FileSystem.from_uri(uri)[1]
+    return fs, root + parts.path
 
 
 def glob_regex(pattern: str) -> re.Pattern:

@@ -138,8 +138,7 @@ class CheckpointDir:
         return ckpt
 
     def _retain(self) -> None:
-        done = self._names()
-        done = [n for n in done if self.is_complete(n)]
+        done = [n for n in self._names() if self.is_complete(n)]
         for old in done[:-self.keep] if self.keep else []:
             self.fs.rm(f"{self.root}/{old}", recursive=True)
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data.batch import COUNTERS, Batch
 from data.footers import Footers, read_footers
-from data.reader import DataSource, fit_transforms, id_health
+from data.reader import DataSource, fit_transforms, id_health, sample_table
 from data.transforms import FittedTransforms
 
 from trainer import checkpoint, identity
@@ -178,11 +178,14 @@ def _sources(cfg, env, ckpts: CheckpointDir) -> Tuple[DataSource, DataSource]:
     def read() -> Tuple[Footers, Footers, FittedTransforms, Dict]:
         train = read_footers(cfg.data.train, cfg.data)
         saved = Path(cfg.trainer.out_dir) / STATS_FILE
+        # one sample for both the transforms' statistics and the id health
+        columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse)]))
+        sample = sample_table(train, cfg.data, columns)
         if cfg.trainer.resume and ckpts.latest() is not None and saved.is_file():
             transforms = FittedTransforms(**json.loads(saved.read_text()))
         else:
-            transforms = fit_transforms(train, cfg.data)
-        return train, read_footers(cfg.data.eval, cfg.data), transforms, id_health(train, cfg.data)
+            transforms = fit_transforms(train, cfg.data, sample)
+        return train, read_footers(cfg.data.eval, cfg.data), transforms, id_health(train, cfg.data, sample)
 
     train, ev, transforms, health = on_main(read)
     if env.is_main:

@@ -125,3 +125,36 @@ def auc_weighted(p, y, w):
     p, y, w = p[order], y[order], w[order]
     neg_below = np.cumsum(w * (1 - y)) - w * (1 - y)
     return float((w * y * neg_below).sum() / ((w * y).sum() * (w * (1 - y)).sum()))
+
+
+@pytest.mark.parametrize("column,values,match", [
+    ("watch", [1.0, float("inf"), 2.0, 0.5], "label column 'watch' has value inf .*finite or null \\(regression\\)"),
+    ("w", [1.0, -2.0, 1.0, 1.0], "weight column 'w' \\(task 'click'\\) has value -2 .*finite and >= 0"),
+    ("click", [0, 1, 3, 1], "label column 'click' has value 3"),
+])
+def test_bad_labels_and_weights_are_named(tmp_path, column, values, match):
+    from data.errors import DataError
+    from data.reader import DataSource
+    cols = {"u": pa.array([1, 2, 3, 4]), "click": pa.array([0, 1, 0, 1], pa.int8()),
+            "w": pa.array([1.0, 2.0, None, 0.0]), "watch": pa.array([1.0, None, 3.0, 0.0])}
+    cols[column] = pa.array(values)
+    pq.write_table(pa.table(cols), tmp_path / "a.parquet")
+    cfg = from_dict(DataConfig, {"train": [str(tmp_path)], "sparse": [{"name": "u", "num_embeddings": 8}],
+                                 "tasks": [{"name": "click", "weight": "w"}, {"name": "watch", "kind": "regression"}],
+                                 "batch_size": 4, "num_workers": 0})
+    src = DataSource(cfg.train, cfg, 0, 1)
+    with pytest.raises(DataError, match=match):
+        list(src.epoch())
+
+
+def test_weights_and_null_weights_reach_the_mask(tmp_path):
+    from data.reader import DataSource
+    pq.write_table(pa.table({"u": pa.array([1, 2, 3, 4]), "click": pa.array([0, 1, None, 1], pa.int8()),
+                             "w": pa.array([1.5, None, 2.0, 0.0]), "watch": pa.array([1.0, None, 3.0, -0.5])}),
+                   tmp_path / "a.parquet")
+    cfg = from_dict(DataConfig, {"train": [str(tmp_path)], "sparse": [{"name": "u", "num_embeddings": 8}],
+                                 "tasks": [{"name": "click", "weight": "w"}, {"name": "watch", "kind": "regression"}],
+                                 "batch_size": 4, "num_workers": 0})
+    (batch,) = list(DataSource(cfg.train, cfg, 0, 1).epoch())
+    assert batch.label_mask.tolist() == [[1.5, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]  # null label, null weight: 0
+    assert batch.labels[:, 1].tolist() == [1.0, 0.0, 3.0, -0.5]

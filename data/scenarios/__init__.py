@@ -1,0 +1,1 @@
+"""Generative models of `mbrec synth` (one file each): known truth per row, fixed parameters."""

@@ -117,7 +117,7 @@ def cmd_compare(args) -> int:
     if args.synth and _has_section(args.config, "synth"):  # a config without [synth] brings its own data
         ensure_dataset(load_config(args.config, overrides).synth)
     entries = plan(args.config, overrides, methods, [float(b) for b in args.betas.split(",") if b],
-                   args.seeds, not args.no_single_task, out)
+                   args.seeds, not args.no_single_task, out, tuple(args.beta_steps.split(",")))
     log.info("compare: %d runs (%s), %s", len(entries), ", ".join(dict.fromkeys(e[0] for e in entries)),
              f"{args.steps} steps each" if args.steps else "the config's epochs / max_steps")
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="", help="comma-separated (default: all)")
     sp.add_argument("--seeds", type=int, default=3, help="paired seeds: each seed, every method")
     sp.add_argument("--betas", default="", help="extra MultiBalance variants at these betas, e.g. 0.5,2,5")
+    sp.add_argument("--beta-steps", default="paper", choices=["paper", "capped", "paper,capped", "capped,paper"],
+                    help="the beta variants' step rule: the paper's update, the capped (stable) one, or both")
     sp.add_argument("--steps", type=int, default=0, help="training steps per run (0: the config's epochs)")
     sp.add_argument("--no-single-task", action="store_true", help="skip the single-task models")
     sp.add_argument("--no-synth", dest="synth", action="store_false",

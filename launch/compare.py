@@ -22,7 +22,16 @@ from launch.report import binary_tasks
 log = logging.getLogger(__name__)
 
 ALL_METHODS = ["equal", "uncertainty", "pcgrad", "gradvac", "graddrop", "dbmtl", "imtlg", "mgda",
-               "moco", "multibalance", "multibalance_noema", "param_mgda", "param_moco"]
+               "moco", "multibalance", "multibalance_noema", "multibalance_exact", "multibalance_magnitude",
+               "multibalance_capped", "param_mgda", "param_moco"]
+MB = "balancer.multibalance"
+# MultiBalance's ablations, by name: the paper's form unless named otherwise
+ABLATIONS = {
+    "multibalance_noema": [f"{MB}.ema=false"],  # the paper's "remove EMA" (v = g)
+    "multibalance_exact": [f"{MB}.deferred=false"],  # this step's Gram, not the previous one's
+    "multibalance_magnitude": [f"{MB}.deferred=false", f"{MB}.rescale=magnitude"],  # v = (u / n) g
+    "multibalance_capped": [f"{MB}.step=capped"],  # beta capped by the Gram's stability bound
+}
 
 
 @dataclass
@@ -32,16 +41,20 @@ class Variant:
     kind: str  # method | beta | single
 
 
-def variants(methods: List[str], betas: List[float], tasks: List[str], single_task: bool) -> List[Variant]:
+def variants(methods: List[str], betas: List[float], tasks: List[str], single_task: bool,
+             beta_steps: Tuple[str, ...] = ("paper",)) -> List[Variant]:
+    """Runs per seed: the methods, MultiBalance at each beta for each step rule ("paper": the
+    paper's update; "capped": the stable one), and single-task models."""
     out = []
     for m in methods:
-        if m == "multibalance_noema":
-            out.append(Variant(m, ["balancer.method=multibalance", "balancer.multibalance.ema=false"], "method"))
+        if m in ABLATIONS:
+            out.append(Variant(m, ["balancer.method=multibalance"] + ABLATIONS[m], "method"))
         else:
             out.append(Variant(m, [f"balancer.method={m}"], "method"))
-    for b in betas:
-        out.append(Variant(f"multibalance_beta{b:g}", ["balancer.method=multibalance",
-                                                        f"balancer.multibalance.beta={b}"], "beta"))
+    for step in beta_steps:
+        for b in betas:
+            name = f"multibalance{'_' + step if step != 'paper' else ''}_beta{b:g}"
+            out.append(Variant(name, ["balancer.method=multibalance", f"{MB}.beta={b}", f"{MB}.step={step}"], "beta"))
     if single_task:
         for t in tasks:
             out.append(Variant(f"single_{t}", ["balancer.method=equal", f'data.tasks=[{{name = "{t}"}}]'], "single"))
@@ -49,12 +62,12 @@ def variants(methods: List[str], betas: List[float], tasks: List[str], single_ta
 
 
 def plan(config: str, overrides: List[str], methods: List[str], betas: List[float], seeds: int,
-         single_task: bool, out: Path) -> List[Tuple[str, int, List[str]]]:
+         single_task: bool, out: Path, beta_steps: Tuple[str, ...] = ("paper",)) -> List[Tuple[str, int, List[str]]]:
     cfg = load_config(config, overrides)
     tasks = [t.name for t in cfg.data.tasks]
     runs = []
     for seed in range(seeds):  # seed-major: every method's first seed finishes first
-        for v in variants(methods, betas, tasks, single_task):
+        for v in variants(methods, betas, tasks, single_task, beta_steps):
             run_dir = out / v.name / f"seed{seed}"
             runs.append((v.name, seed, list(overrides) + v.overrides + [
                 f"trainer.seed={seed}", f"trainer.out_dir={run_dir}", "trainer.resume=false",

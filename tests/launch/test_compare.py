@@ -15,6 +15,21 @@ def test_variants_cover_methods_ablation_sweep_and_single_task():
     assert "balancer.multibalance.ema=false" in noema.overrides
 
 
+def test_every_variant_is_a_valid_config():
+    """Each ablation and each beta / step-rule variant loads (e.g. magnitude rescaling is only
+    valid in the exact form) and sets what its name says."""
+    from launch.config import load_config
+    vs = variants(ALL_METHODS, [0.5, 5.0], TASKS, False, ("paper", "capped"))
+    names = [v.name for v in vs]
+    assert {"multibalance_beta5", "multibalance_capped_beta5", "multibalance_capped_beta0.5"} <= set(names)
+    cfgs = {v.name: load_config("launch/configs/demo.toml", v.overrides) for v in vs}
+    mb = {n: c.balancer.multibalance for n, c in cfgs.items() if c.balancer.method == "multibalance"}
+    assert (mb["multibalance_magnitude"].rescale, mb["multibalance_magnitude"].deferred) == ("magnitude", False)
+    assert (mb["multibalance"].rescale, mb["multibalance"].step, mb["multibalance"].deferred) == ("paper", "paper", True)
+    assert mb["multibalance_capped_beta5"].step == "capped" and mb["multibalance_capped_beta5"].beta == 5.0
+    assert mb["multibalance_beta5"].step == "paper" and not mb["multibalance_exact"].deferred
+
+
 def test_plan_is_seed_major_with_distinct_output_dirs(tmp_path):
     entries = plan("launch/configs/demo.toml", [], ["equal", "multibalance"], [2.0], 2, True, tmp_path)
     dirs = [next(o for o in e[2] if o.startswith("trainer.out_dir=")) for e in entries]

@@ -241,6 +241,7 @@ class MultiBalance(GradientBalancer):
         # counts for the tensor step
         self._reversals, self._last_delta, self._updates = [0] * num_tasks, [0.0] * num_tasks, 0
         self._moved = [0.0] * num_tasks
+        self._window = None  # the last window's (reversal share, mean step), for a repeated read
         self.register_buffer("reversals", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("moved", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("last_delta", torch.zeros(num_tasks), persistent=False)
@@ -314,10 +315,16 @@ class MultiBalance(GradientBalancer):
         limit of these task gradients) gives a warning; a converged lambda jitters (reversals
         near half the updates) by small steps."""
         out = super().stats()
-        steps = max(self._updates + int(self.update_count), 1)  # (a read at log steps only)
+        updates = self._updates + int(self.update_count)  # (a read at log / check steps only)
+        if updates == 0 and self._window is not None:
+            # a second read at the same step (the guard's, then the log's): the same window
+            out["lambda_reversal"], out["lambda_step"] = self._window
+            return out
+        steps = max(updates, 1)
         rev = (self.reversals.cpu() + torch.tensor(self._reversals)) / steps
         moved = (self.moved.cpu() + torch.tensor(self._moved)) / steps
         out["lambda_reversal"], out["lambda_step"] = rev.to(self.weights.device), moved.to(self.weights.device)
+        self._window = (out["lambda_reversal"], out["lambda_step"])
         if steps >= OSCILLATION_MIN_STEPS and float(rev.mean()) > OSCILLATION_WARN and float(moved.mean()) > JUMP:
             log.warning("MultiBalance: the task weights reversed direction on %.0f%% of the last %d updates, by "
                         "%.3f on average (beta = %g is above the stability limit of these task gradients); "

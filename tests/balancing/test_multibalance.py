@@ -296,6 +296,10 @@ def test_capped_step_stops_the_oscillation_of_large_beta(caplog):
         st = paper.stats()
     assert st["lambda_reversal"].mean() > 0.8 and st["lambda_step"].mean() > 0.3
     assert "reversed direction" in caplog.text
+    # the trainer reads the statistics twice at a step (non-finite check, then the log): the
+    # second read reports the same window, not an empty one
+    again = paper.stats()
+    assert torch.equal(again["lambda_reversal"], st["lambda_reversal"]) and torch.equal(again["lambda_step"], st["lambda_step"])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         st = capped.stats()
@@ -303,4 +307,7 @@ def test_capped_step_stops_the_oscillation_of_large_beta(caplog):
     # the paper's step jumps between corners; the capped one settles (late steps barely move)
     assert np.abs(np.diff(lam_paper[-10:], axis=0)).max() > 0.3
     assert np.abs(np.diff(lam_capped[-10:], axis=0)).max() < 0.02
-    assert capped.stats()["lambda_step"].sum() == 0  # counts restart at every stats() call
+    # a window ends at each read that has new updates: one more update, a window of one
+    backward_through(capped, torch.tensor(np.random.default_rng(1).normal(size=(M, B, N))))
+    one = capped.stats()
+    assert not torch.equal(one["lambda_step"], st["lambda_step"]) and float(one["lambda_reversal"].max()) in (0.0, 1.0)

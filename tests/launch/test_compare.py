@@ -45,6 +45,7 @@ def fake_run(out, name, seed, ne, qps):
         "method": name, "steps": 10, "world_size": 2, "tasks": tasks, "eval_files": [],
         "eval": {t: {"ne": v, "auc": 0.7} for t, v in zip(TASKS, ne)}, "train_rows_per_s": qps,
         "final_weights": [0.5, 0.5], "train_reader": {}}))
+    return d
 
 
 def test_report_gains_are_per_seed_against_equal(tmp_path):
@@ -96,3 +97,26 @@ def test_compare_writes_no_dataset_for_a_config_without_synth(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[data]\ntrain = ["x"]\n')
     assert not _has_section(str(cfg), "synth") and _has_section("launch/configs/demo.toml", "synth")
+
+
+def test_beta_table_reads_each_runs_settings_and_reversals(tmp_path):
+    """Table 4: rows by beta, columns by step rule, from run.json (not from variant names), with
+    the mean logged reversal share; other MultiBalance forms (exact, no EMA) are not in it."""
+    mb = "balancer.multibalance"
+    settings = {"multibalance": (1.0, "paper", True), "multibalance_capped_beta5": (5.0, "capped", True),
+                "multibalance_beta5": (5.0, "paper", True), "multibalance_exact": (1.0, "paper", False)}
+    fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
+    fake_run(tmp_path, "equal", 1, [0.80, 0.90], 100.0)
+    for i, (name, (beta, step, deferred)) in enumerate(settings.items()):
+        for seed in (0, 1):
+            d = fake_run(tmp_path, name, seed, [0.80 - 0.001 * i, 0.90], 100.0)
+            (d / "run.json").write_text(json.dumps({
+                "balancer.method": "multibalance", f"{mb}.beta": beta, f"{mb}.step": step, f"{mb}.ema": True,
+                f"{mb}.deferred": deferred, f"{mb}.rescale": "paper"}))
+            rev = 0.9 if name == "multibalance_beta5" else 0.1
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "lambda_reversal/ctr": rev,
+                                                                  "lambda_reversal/cvr": rev}) + "\n" for s in (20, 40)))
+    text = write_compare_report(tmp_path)
+    assert "| 1 | +0.000 ± 0.000 (0.10) | - |" in text
+    assert "| 5 | +0.125 ± 0.000 (0.90) | +0.063 ± 0.000 (0.10) |" in text
+    assert text.count("| 1 |") == 1  # the exact form is not a Table 4 row

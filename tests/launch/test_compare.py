@@ -120,3 +120,11 @@ def test_beta_table_reads_each_runs_settings_and_reversals(tmp_path):
     assert "| 1 | +0.000 ± 0.000 (0.10) | - |" in text
     assert "| 5 | +0.125 ± 0.000 (0.90) | +0.063 ± 0.000 (0.10) |" in text
     assert text.count("| 1 |") == 1  # the exact form is not a Table 4 row
+
+
+def test_demo_prints_its_single_seed_gain_with_the_calibrated_noise(tmp_path):
+    from launch.demo import PAIRED_SD, T95, noise_line
+    fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
+    fake_run(tmp_path, "multibalance", 0, [0.796, 0.90], 100.0)  # ctr +0.5 %, cvr 0: average +0.25 %
+    line = noise_line([tmp_path / "equal" / "seed0", tmp_path / "multibalance" / "seed0"])
+    assert "+0.250 % from ONE seed" in line and f"+-{T95 * PAIRED_SD:.2f} %" in line and "--seeds 8" in line

@@ -63,6 +63,7 @@ RESCALES = ("paper", "magnitude")
 OSCILLATION_WARN = 0.5  # share of reversed lambda updates that gives a warning...
 OSCILLATION_MIN_STEPS = 50  # ...over at least this many updates...
 JUMP = 0.05  # ...when lambda_m also moves by more than this per update on average
+WARN_EVERY = 1000  # updates between two warnings
 STEPS = ("paper", "capped")
 
 
@@ -242,6 +243,9 @@ class MultiBalance(GradientBalancer):
         self._reversals, self._last_delta, self._updates = [0] * num_tasks, [0.0] * num_tasks, 0
         self._moved = [0.0] * num_tasks
         self._window = None  # the last window's (reversal share, mean step), for a repeated read
+        # the warning's own window, over log windows (which may be shorter than its minimum)
+        self._warn = [0.0, 0.0, 0]  # summed reversal shares x updates, summed steps x updates, updates
+        self._warn_quiet = 0  # updates left before another warning may be given
         self.register_buffer("reversals", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("moved", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("last_delta", torch.zeros(num_tasks), persistent=False)
@@ -325,15 +329,29 @@ class MultiBalance(GradientBalancer):
         moved = (self.moved.cpu() + torch.tensor(self._moved)) / steps
         out["lambda_reversal"], out["lambda_step"] = rev.to(self.weights.device), moved.to(self.weights.device)
         self._window = (out["lambda_reversal"], out["lambda_step"])
-        if steps >= OSCILLATION_MIN_STEPS and float(rev.mean()) > OSCILLATION_WARN and float(moved.mean()) > JUMP:
-            log.warning("MultiBalance: the task weights reversed direction on %.0f%% of the last %d updates, by "
-                        "%.3f on average (beta = %g is above the stability limit of these task gradients); "
-                        "consider balancer.multibalance.step = 'capped' or a smaller beta",
-                        100 * float(rev.mean()), steps, float(moved.mean()), self.cfg.beta)
+        self._maybe_warn(float(rev.mean()), float(moved.mean()), updates)
         self._reversals, self._moved, self._updates = [0] * self.num_tasks, [0.0] * self.num_tasks, 0
         for counts in (self.reversals, self.moved, self.update_count):
             counts.zero_()
         return out
+
+    def _maybe_warn(self, reversal: float, step: float, updates: int) -> None:
+        """Warns when, over at least OSCILLATION_MIN_STEPS updates (summed over log windows), lambda
+        reversed on more than OSCILLATION_WARN of them by more than JUMP on average; then stays
+        quiet for WARN_EVERY updates."""
+        self._warn = [self._warn[0] + reversal * updates, self._warn[1] + step * updates, self._warn[2] + updates]
+        self._warn_quiet -= updates
+        n = self._warn[2]
+        if n < OSCILLATION_MIN_STEPS:
+            return
+        reversal, step = self._warn[0] / n, self._warn[1] / n
+        self._warn = [0.0, 0.0, 0]
+        if reversal > OSCILLATION_WARN and step > JUMP and self._warn_quiet <= 0:
+            log.warning("MultiBalance: the task weights reversed direction on %.0f%% of the last %d updates, by "
+                        "%.3f on average (beta = %g is above the stability limit of these task gradients); "
+                        "consider balancer.multibalance.step = 'capped' or a smaller beta",
+                        100 * reversal, n, step, self.cfg.beta)
+            self._warn_quiet = WARN_EVERY
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -311,3 +311,21 @@ def test_capped_step_stops_the_oscillation_of_large_beta(caplog):
     backward_through(capped, torch.tensor(np.random.default_rng(1).normal(size=(M, B, N))))
     one = capped.stats()
     assert not torch.equal(one["lambda_step"], st["lambda_step"]) and float(one["lambda_reversal"].max()) in (0.0, 1.0)
+
+
+def test_oscillation_warning_spans_log_windows_shorter_than_its_minimum(caplog):
+    """The trainer reads the statistics every log_every (20) updates, fewer than the warning's
+    minimum (50): the warning still comes, once, and not again for WARN_EVERY updates."""
+    import logging
+    from balancing.multibalance import OSCILLATION_MIN_STEPS, WARN_EVERY
+    mb = MultiBalance(M, MultiBalanceConfig(beta=5.0, deferred=False)).double()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(M, B, N))
+    with caplog.at_level(logging.WARNING):
+        for t in range(1, 201):
+            backward_through(mb, torch.tensor(base + 0.05 * rng.normal(size=(M, B, N))))
+            if t % 20 == 0:
+                mb.stats()
+                if t < OSCILLATION_MIN_STEPS:
+                    assert "reversed direction" not in caplog.text
+    assert caplog.text.count("reversed direction") == 1 and 200 < WARN_EVERY

@@ -87,7 +87,10 @@ def test_report_flags_weights_that_never_moved_and_says_what_ran(tmp_path):
     fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
     fake_run(tmp_path, "moco", 0, [0.80, 0.90], 100.0)  # final weights [0.5, 0.5]: never left uniform
     text = write_compare_report(tmp_path)
-    assert "moco (weights never left uniform)" in text
+    assert "moco (weights never left uniform: the equal-weights model)" in text
+    # uniform weights but another model (gradient surgery: GradDrop, PCGrad) is not flagged
+    fake_run(tmp_path, "graddrop", 0, [0.81, 0.90], 100.0)
+    assert "graddrop (weights never" not in write_compare_report(tmp_path)
     assert "What ran: 2 variants x 1 seed(s), 10 training steps per run, 2 rank(s)" in text
     assert "## AUC" in text and "indicative" in text
 

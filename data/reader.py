@@ -21,6 +21,7 @@ import functools
 import itertools
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ from data.transforms import FittedTransforms, fit, needs_sample
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_TIMEOUT_S = 900.0  # a DataLoader worker that sends no batch for this long is an error
 
 
 def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List[int]]:
@@ -372,16 +374,45 @@ def shuffle_rows(chunks: Iterator[Chunk], window: int, rng: np.random.Generator)
         yield whole.take(rng.permutation(whole.rows))
 
 
-def _die_with_parent(parent: int, _worker_id: int) -> None:
-    """DataLoader worker init: on Linux, the kernel kills the worker when its rank dies. A rank
-    killed with SIGKILL (OOM killer, a fault) runs no clean-up, and its workers, blocked on a
-    full queue, would otherwise live on, holding memory, after the job has restarted."""
+def _die_with_parent(rank: int, _worker_id: int) -> None:
+    """DataLoader worker init: on Linux, the kernel kills the worker when its parent (the
+    forkserver, which exits when its rank does) dies. A rank killed with SIGKILL (OOM killer, a
+    fault) runs no clean-up, and its workers, blocked on a full queue, would otherwise live on,
+    holding memory, after the job has restarted."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
             log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-        if os.getppid() != parent:  # the rank died before the call: nobody to die with
+        try:
+            os.kill(rank, 0)
+        except ProcessLookupError:  # the rank died before the call: nobody to read for
             os._exit(1)
+
+
+def worker_context():
+    """Workers are forked from a forkserver (a clean process that imported this module), never
+    from the rank: a rank has threads (pyarrow's pools, gloo's loops, torch's), and a worker
+    forked while one of them held a lock (an allocator's, say) waits for it forever. Seen: a
+    worker stuck at its first step, its rank polling it and the other rank waiting in a
+    collective, with no timeout reached."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _within_timeout(chunks: Iterator) -> Iterator:
+    """The DataLoader's chunks; a worker silent for WORKER_TIMEOUT_S is a DataError, not a hang."""
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise DataError(f"no batch from a DataLoader worker in {WORKER_TIMEOUT_S:.0f} s (a worker stuck, or "
+                            f"storage this slow for one row group): {e}") from None
+        yield chunk
 
 
 @dataclass
@@ -484,8 +515,9 @@ class DataSource:
         keys = [f.name for f in self.cfg.sparse]
         chunks = iter(self.dataset(epoch)) if num_workers == 0 else DataLoader(
             self.dataset(epoch), batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
-            worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
-        for chunk in chunks:
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()), multiprocessing_context=worker_context(),
+            timeout=WORKER_TIMEOUT_S)
+        for chunk in _within_timeout(iter(chunks)):
             if isinstance(chunk, WorkerFailure):
                 raise DataError(chunk.message)
             batch = chunk_to_batch(chunk, keys)

@@ -1,3 +1,6 @@
+import os
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,3 +128,35 @@ def test_bad_input_in_a_worker_process_still_names_the_file(tmp_path):
     write(p, 10, click=pa.array([0, 1, 3, 0, 0, 0, 0, 0, 0, 0], pa.int8()))
     with pytest.raises(Exception, match=r"bad.parquet: label column 'click' has value 3"):
         read_all(config([p], num_workers=1), 0, 1)
+
+
+class _Slow(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        time.sleep(30)
+        yield os.getppid()
+
+
+class _Parent(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield os.getppid()
+
+
+def test_workers_come_from_a_forkserver_not_from_the_rank():
+    """A worker forked from a multi-threaded rank can deadlock on a lock held at the fork: the
+    readers' workers are forked from a forkserver, so their parent is not this process."""
+    from data.reader import worker_context
+    loader = torch.utils.data.DataLoader(_Parent(), batch_size=None, num_workers=1,
+                                         multiprocessing_context=worker_context())
+    (parent,) = list(loader)
+    assert parent != os.getpid()
+
+
+def test_a_silent_worker_is_a_data_error_not_a_hang(monkeypatch):
+    import data.reader as reader
+    monkeypatch.setattr(reader, "WORKER_TIMEOUT_S", 2.0)
+    loader = torch.utils.data.DataLoader(_Slow(), batch_size=None, num_workers=1, timeout=2.0,
+                                         multiprocessing_context=reader.worker_context())
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="no batch from a DataLoader worker in 2 s"):
+        list(reader._within_timeout(iter(loader)))
+    assert time.perf_counter() - t0 < 25

@@ -20,7 +20,7 @@ METHODS = ("equal", "multibalance")
 # the same data and settings (docs/results/compare-ads-instrument: 16 paired seeds, std of
 # MultiBalance's average NE gain vs equal weights 0.056 %; t_0.975 with 15 degrees of freedom).
 PAIRED_SD, T95 = 0.056, 2.131
-CALIBRATION = ("mbrec compare launch/configs/demo.toml --methods equal,multibalance --seeds 8 "
+CALIBRATION = ("mbrec compare launch/configs/demo.toml --methods equal,multibalance --seeds 8 --no-single-task "
                "(about 11 min on 2 CPU cores; 95 % interval about +-0.05 %)")
 
 

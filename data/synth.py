@@ -49,7 +49,7 @@ def table_sizes(cfg: SynthConfig) -> Dict[str, int]:
 
 
 def task_names(cfg: SynthConfig) -> List[str]:
-    return [t if isinstance(t, str) else t[0] for t in SCENARIOS[cfg.scenario].TASKS]
+    return list(SCENARIOS[cfg.scenario].TASK_NAMES)
 
 
 def write_dataset(cfg: SynthConfig) -> Dict[str, List[Path]]:

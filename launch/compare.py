@@ -128,7 +128,7 @@ def beta_table(runs: Dict[str, List[dict]], tasks: List[str]) -> str:
     for name, rs in runs.items():
         c = rs[0]["config"]
         if (c.get("balancer.method") != "multibalance" or not c.get(f"{MB}.ema") or not c.get(f"{MB}.deferred")
-                or c.get(f"{MB}.rescale") != "paper" or "equal" not in runs):
+                or c.get(f"{MB}.rescale") != "paper"):
             continue
         osc = float(np.mean([oscillation(r["dir"]) for r in rs]))
         cells[(c[f"{MB}.beta"], c[f"{MB}.step"])] = f"{_ci(gains_by_seed(runs, name, tasks)['average'])} ({osc:.2f})"

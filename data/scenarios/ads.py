@@ -38,6 +38,7 @@ FEATURES: List[Tuple[str, float, int, Tuple[float, float, float, float]]] = [
 ]
 NUM_DENSE = 8
 TASKS = ("ctr", "cvr", "conv")
+TASK_NAMES = list(TASKS)
 BIAS_CTR, BIAS_CVR = -1.4, -0.6
 
 

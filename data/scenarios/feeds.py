@@ -41,6 +41,9 @@ TASKS: List[Tuple[str, float, float, float, Tuple[float, float, float, float]]] 
     ("follow", 0.001, 0.9, 0.3, (0.0, 0.3, 0.0, 0.0)),
 ]
 T = len(TASKS)
+TASK_NAMES = [t[0] for t in TASKS]
+RATES, ALPHA, KAPPA = (np.array([t[i] for t in TASKS]) for i in (1, 2, 3))  # [T] each
+DENSE_W = np.array([t[4] for t in TASKS])  # [T, 4]
 # (name, cardinality multiplier, multi-hot mean length or 0, side, interest scale,
 #  task-specific offset scale, quality scale); side: user | item | history | context
 FEATURES: List[Tuple[str, float, int, str, float, float, float]] = [
@@ -67,8 +70,8 @@ def latents(cfg, sizes: Dict[str, int]) -> Dict[str, object]:
     lat["affinity_scale"], lat["bias"] = 1.0, np.zeros(T)
     _, logits, a = _draw(cfg, CALIBRATION_ROWS, np.random.default_rng([cfg.seed, 3]), lat)
     lat["affinity_scale"] = 1.0 / float(a.std())
-    logits = logits + (lat["affinity_scale"] - 1.0) * a[:, None] * np.array([t[2] for t in TASKS])
-    lat["bias"] = np.array([_solve_bias(logits[:, j], rate) for j, (_, rate, *_rest) in enumerate(TASKS)])
+    logits = logits + (lat["affinity_scale"] - 1.0) * a[:, None] * ALPHA  # (logits are linear in the scale)
+    lat["bias"] = np.array([_solve_bias(logits[:, j], rate) for j, rate in enumerate(RATES)])
     return lat
 
 
@@ -105,11 +108,8 @@ def _draw(cfg, n: int, rng: np.random.Generator, lat) -> Tuple[Dict[str, pa.Arra
     d = rng.normal(size=(n, NUM_DENSE))
     cols.update(dense_columns(rng, d, 4, cfg.null_dense_rate))
     a = (p * q).sum(axis=1)
-    alpha = np.array([t[2] for t in TASKS])
-    kappa = np.array([t[3] for t in TASKS])
-    dense_w = np.array([t[4] for t in TASKS])  # [T, 4]
-    logits = (lat["bias"] + lat["affinity_scale"] * a[:, None] * alpha + quality[:, None] * kappa
-              + offsets + d[:, :4] @ dense_w.T)
+    logits = (lat["bias"] + lat["affinity_scale"] * a[:, None] * ALPHA + quality[:, None] * KAPPA
+              + offsets + d[:, :4] @ DENSE_W.T)
     return cols, logits, a
 
 
@@ -117,8 +117,8 @@ def generate_rows(cfg, n: int, rng: np.random.Generator, lat) -> pa.Table:
     cols, logits, _ = _draw(cfg, n, rng, lat)
     prob = sigmoid(logits)  # [n, T]
     labels = rng.random((n, T)) < prob
-    for j, (task, *_rest) in enumerate(TASKS):
+    for j, task in enumerate(TASK_NAMES):
         cols[task] = pa.array(labels[:, j].astype(np.int8))
-    for j, (task, *_rest) in enumerate(TASKS):
+    for j, task in enumerate(TASK_NAMES):
         cols[f"p_{task}"] = pa.array(prob[:, j].astype(np.float32))
     return pa.table(cols)

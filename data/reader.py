@@ -40,6 +40,7 @@ from data.batch import COUNTERS, Batch
 from data.errors import DataError
 from data.footers import Footers, id_value_type, is_string_like, read_footers, spread
 from data.hashing import hash_ids, hash_strings
+from data.position import assign_units, reader_order
 from data.storage import open_parquet
 from data.schema import DataConfig
 from data.transforms import FittedTransforms, fit, needs_sample
@@ -47,12 +48,6 @@ from data.transforms import FittedTransforms, fit, needs_sample
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WORKER_TIMEOUT_S = 900.0  # a DataLoader worker that sends no batch for this long is an error
-
-
-def assign_units(num_units: int, world_size: int, num_workers: int) -> List[List[int]]:
-    """Unit indices per reader g = rank * num_workers + worker (round-robin deal)."""
-    readers = world_size * max(num_workers, 1)
-    return [list(range(g, num_units, readers)) for g in range(readers)]
 
 
 def rows_per_reader(unit_rows: Sequence[int], world_size: int, num_workers: int) -> List[int]:
@@ -317,18 +312,12 @@ class ParquetBatches(IterableDataset):
         self.keys = [f.name for f in cfg.sparse]
         self.columns = cfg.columns
 
-    def _order(self, reader: int, nw: int) -> Tuple[List[int], Optional[np.random.Generator]]:
-        mine = assign_units(len(self.units), self.world_size, nw)[reader]
-        if not self.shuffle:
-            return mine, None
-        rng = np.random.default_rng([self.cfg.shuffle_seed, self.epoch, reader])
-        return [mine[i] for i in rng.permutation(len(mine))], rng
-
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         nw = self.cfg.num_workers if info is not None else 1
         worker = info.id if info is not None else 0
-        mine, rng = self._order(self.rank * nw + worker, nw)
+        mine, rng = reader_order(len(self.units), self.world_size, nw, self.rank * nw + worker, self.epoch,
+                                 self.shuffle, self.cfg.shuffle_seed)
         chunks = self._decoded([self.units[u] for u in mine])
         if rng is not None and self.cfg.shuffle_buffer > 0:
             chunks = shuffle_rows(chunks, self.cfg.shuffle_buffer, rng)
@@ -506,15 +495,27 @@ class DataSource:
         self.rank_rows = [sum(per_reader[r * nw:(r + 1) * nw]) for r in range(world_size)]
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64)  # summed as batches are read
 
-    def dataset(self, epoch: int = 0) -> ParquetBatches:
-        return ParquetBatches(self.footers.units, self.cfg, self.rank, self.world_size, epoch, self.shuffle,
+    def deal(self, units: Optional[Sequence[int]] = None) -> Tuple[List[int], int]:
+        """Per-rank batch counts and the steps of an epoch over `units` (indices into
+        footers.units; None: every unit)."""
+        if units is None:
+            return self.rank_batches, self.steps_per_epoch
+        counts = batches_per_rank([self.unit_rows[u] for u in units], self.world_size, self.cfg.num_workers,
+                                  self.cfg.batch_size)
+        return counts, max(counts)
+
+    def dataset(self, epoch: int = 0, units: Optional[Sequence[int]] = None) -> ParquetBatches:
+        dealt = self.footers.units if units is None else [self.footers.units[u] for u in units]
+        return ParquetBatches(dealt, self.cfg, self.rank, self.world_size, epoch, self.shuffle,
                               self.transforms, self.footers.string_ids)
 
-    def batches(self, num_workers: int, epoch: int = 0) -> Iterator[Batch]:
-        """This rank's real batches for one epoch, read by `num_workers` DataLoader workers."""
+    def batches(self, num_workers: int, epoch: int = 0, units: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+        """This rank's real batches for one epoch (over `units`, see `deal`), read by
+        `num_workers` DataLoader workers."""
         keys = [f.name for f in self.cfg.sparse]
-        chunks = iter(self.dataset(epoch)) if num_workers == 0 else DataLoader(
-            self.dataset(epoch), batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
+        dataset = self.dataset(epoch, units)
+        chunks = iter(dataset) if num_workers == 0 else DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is,  # no conversion there
             worker_init_fn=functools.partial(_die_with_parent, os.getpid()), multiprocessing_context=worker_context(),
             timeout=WORKER_TIMEOUT_S)
         for chunk in _within_timeout(iter(chunks)):
@@ -523,16 +524,18 @@ class DataSource:
             batch = chunk_to_batch(chunk, keys)
             yield batch.pin_memory() if self.pin_memory else batch
 
-    def epoch(self, number: int = 0) -> Iterator[Batch]:
-        """This rank's batches for epoch `number` (its shuffle), then padding batches up to
-        steps_per_epoch."""
+    def epoch(self, number: int = 0, units: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+        """This rank's batches for epoch `number` (its shuffle), over `units` (None: all; a
+        resume under another split reads the rest of an epoch), then padding batches up to the
+        epoch's steps."""
+        counts, steps = self.deal(units)
         n = 0
-        for batch in self.batches(self.cfg.num_workers, number):
+        for batch in self.batches(self.cfg.num_workers, number, units):
             n += 1
             self.counters += batch.counters
             yield batch
-        if n != self.rank_batches[self.rank]:
-            raise DataError(f"rank {self.rank} read {n} batches, expected {self.rank_batches[self.rank]}")
+        if n != counts[self.rank]:
+            raise DataError(f"rank {self.rank} read {n} batches, expected {counts[self.rank]}")
         pad = Batch.padding([f.name for f in self.cfg.sparse], len(self.cfg.dense), len(self.cfg.tasks))
-        for _ in range(self.steps_per_epoch - n):
+        for _ in range(steps - n):
             yield pad

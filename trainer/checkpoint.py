@@ -1,6 +1,6 @@
 """Checkpoints with torch.distributed.checkpoint: the DMP state dict (sharded tables, dense
-weights, balancer buffers), both optimizers (fused embedding state and the dense one) and the
-step, from which the data position follows (every epoch has the same number of steps).
+weights, balancer buffers), both optimizers (fused embedding state and the dense one), the
+step and the data position (trainer.start: the epoch, and which of its units were consumed).
 
 Layout: `ROOT/step-000000123/` (DCP writes `.metadata` last, on the coordinator, once every
 rank's part is written: a directory without it is incomplete) and `ROOT/latest`, the name of
@@ -17,18 +17,21 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, Metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from trainer.errors import CheckpointError
 from trainer.identity import write_atomic
+from trainer.preflight import agreed
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -44,9 +47,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _state(dmp, optimizer, step: int) -> dict:
+PARTS = ("model", "optim", "balancer")
+BALANCER_PREFIX = "balancer."  # the balancer's buffers in the DMP state dict
+
+
+def _state(dmp, optimizer, step: int, position: str = "") -> dict:
+    """What a checkpoint holds. `position`: the data position, as JSON (trainer.start)."""
     return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "progress": {"step": torch.tensor(step, dtype=torch.int64)}}
+            "progress": {"step": torch.tensor(step, dtype=torch.int64), "position": position}}
 
 
 def step_of(checkpoint: str) -> int:
@@ -119,11 +127,19 @@ class CheckpointDir:
                     log.warning("removing incomplete checkpoint %s", self.child(name))
                     self.fs.rm(f"{self.root}/{name}", recursive=True)
 
-    def save(self, dmp, optimizer, step: int) -> str:
+    def put(self, name: str, text: str) -> None:
+        """A small file beside the checkpoints (run.json, dense_stats.json: a checkpoint directory
+        on object storage then says by itself what trained it, for a warm start from it)."""
+        if self.remote:
+            self.fs.pipe_file(f"{self.root}/{name}", text.encode())
+        else:
+            write_atomic(Path(self.root) / name, text)
+
+    def save(self, dmp, optimizer, step: int, position: str = "") -> str:
         ckpt = self.child(f"step-{step:09d}")
         try:
             # a URI selects DCP's fsspec storage, a path its file-system storage
-            dcp.save(_state(dmp, optimizer, step), checkpoint_id=ckpt)
+            dcp.save(_state(dmp, optimizer, step, position), checkpoint_id=ckpt)
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}): {_cause(e)}") from e
         if _is_main():  # after every rank finished its part
@@ -171,24 +187,153 @@ def state_bytes(dmp, optimizer) -> int:
     return total
 
 
-def load(path: str, dmp, optimizer) -> int:
-    """Loads in place; returns the step the checkpoint was taken at."""
-    # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP
-    # loads in place, so it must exist first. Fused embedding optimizers have theirs already.
-    for _, opt in optimizer.optimizers:
-        if isinstance(opt, KeyedOptimizerWrapper):
-            opt.init_state()
+class _Peek(DefaultLoadPlanner):
+    """Keeps the checkpoint's metadata (DCP's public planner hook): its keys and global shapes."""
+    metadata: Optional[Metadata] = None
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.metadata = metadata
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+
+
+def read_metadata(path: str) -> Dict[str, object]:
+    """{flattened key: storage metadata (`.size` for tensors)} of a complete checkpoint; this
+    process alone reads it (no collective)."""
+    peek = _Peek()
+    try:
+        dcp.load({}, checkpoint_id=str(path), planner=peek, no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
+    return dict(peek.metadata.state_dict_metadata)
+
+
+def read_progress(path: str) -> Tuple[int, Optional[str]]:
+    """(step, data position as JSON or None) of a checkpoint, read by this process alone."""
+    meta = read_metadata(path)
+    state = {"progress": {"step": torch.tensor(0, dtype=torch.int64)}}
+    if "progress.position" in meta:
+        state["progress"]["position"] = ""
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
+    return int(state["progress"]["step"]), state["progress"].get("position")
+
+
+def part_of(key: str) -> str:
+    """The part ("model", "balancer", "optim", "progress") of a flattened checkpoint key."""
+    top, _, rest = key.partition(".")
+    return "balancer" if top == "model" and rest.startswith(BALANCER_PREFIX) else top
+
+
+@dataclass
+class Loaded:
+    step: int
+    position: Optional[str]  # None: a checkpoint written before positions were recorded
+
+
+def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
+    """Loads `parts` of a checkpoint in place (DCP reshards to this world and plan), after
+    checking that they fit this model (every key there, same global shapes) and, after
+    loading, that every loaded tensor is finite (agreed across ranks)."""
+    meta = read_metadata(path)
+    if "optim" in parts:
+        # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP
+        # loads in place, so it must exist first. Fused embedding optimizers have theirs already.
+        for _, opt in optimizer.optimizers:
+            if isinstance(opt, KeyedOptimizerWrapper):
+                opt.init_state()
     state = _state(dmp, optimizer, 0)
-    present = _without_empty(state)
+    if "progress.position" not in meta:
+        del state["progress"]["position"]
+    chosen = {k: v for k, v in _flat(state) if part_of(k) in (*parts, "progress")}
+    agreed(lambda: check_fits(path, meta, chosen, parts, _all_ranks(chosen)))
+    present = _without_empty(_select(state, chosen))
     try:
         dcp.load(present, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"loading checkpoint {path} failed: {_cause(e)}") from e
     _merge(state, present)
+    agreed(lambda: check_finite(path, present))
     dmp.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    log.info("resumed from %s", path)
-    return int(state["progress"]["step"])
+    if "optim" in parts:
+        optimizer.load_state_dict(state["optim"])
+    log.info("loaded %s of %s", ", ".join(parts), path)
+    return Loaded(int(state["progress"]["step"]), state["progress"].get("position"))
+
+
+def _flat(d: dict, prefix: str = "") -> Iterator[Tuple[str, object]]:
+    """(key, leaf) of a nested dict, keys joined by dots as DCP flattens them."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _select(d: dict, keys: Dict[str, object], prefix: str = "") -> dict:
+    """The sub-dict of `d` (same leaves) whose flattened keys are in `keys`."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = _select(v, keys, f"{prefix}{k}.")
+        elif f"{prefix}{k}" in keys:
+            out[k] = v
+    return out
+
+
+def _global_shape(t) -> Optional[List[int]]:
+    if hasattr(t, "local_shards") or hasattr(t, "to_local") or isinstance(t, torch.Tensor):
+        return list(t.size())  # a ShardedTensor's or DTensor's global size
+    return None
+
+
+def _all_ranks(keys) -> set:
+    """The union of every rank's keys (a rank's fused optimizer state holds its own tables only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return set(keys)
+    gathered: List = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(keys))
+    return set().union(*gathered)
+
+
+def check_fits(path: str, meta: Dict[str, object], chosen: Dict[str, object], parts: Sequence[str],
+               everywhere: set) -> None:
+    """Raises CheckpointError naming every tensor of `parts` that is missing from the checkpoint,
+    of another shape there, or only there (`everywhere`: the keys of every rank)."""
+    problems = []
+    for key, value in chosen.items():
+        want = _global_shape(value)
+        if key not in meta:
+            problems.append(f"{key} missing from the checkpoint")
+        elif want is not None and list(getattr(meta[key], "size", [])) != want:
+            problems.append(f"{key}: {list(meta[key].size)} in the checkpoint, {want} here")
+    problems += [f"{key} only in the checkpoint" for key in meta if part_of(key) in parts and key not in everywhere]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({', '.join(parts)}): {shown}")
+
+
+def _local(t) -> List[torch.Tensor]:
+    if hasattr(t, "local_shards"):  # ShardedTensor
+        return [s.tensor for s in t.local_shards()]
+    if hasattr(t, "to_local"):  # DTensor
+        return [t.to_local()]
+    return [t] if isinstance(t, torch.Tensor) else []
+
+
+def check_finite(path: str, loaded: dict) -> None:
+    """Every loaded tensor (this rank's shards) is finite, else a CheckpointError naming each
+    tensor and its count: a checkpoint holding NaN or inf (a corrupted copy, an optimizer slot
+    that overflowed) must not be trained from."""
+    bad = []
+    for key, value in _flat(loaded):
+        n = sum(int((~torch.isfinite(t)).sum()) for t in _local(value) if t.is_floating_point())
+        if n:
+            bad.append(f"{key} ({n} non-finite value(s))")
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values: {'; '.join(bad[:20])}"
+                              f"{f'; ... {len(bad) - 20} more' if len(bad) > 20 else ''}; not training from it")
 
 
 def _cause(e: BaseException) -> str:

@@ -7,6 +7,8 @@ from typing import List
 DENSE_OPTIMIZER_NAMES = ("adam", "adagrad", "sgd")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+INIT_PARTS = ("model", "optim", "balancer")  # what a warm start takes from its parent (trainer.start)
+PARTIAL_UNITS = ("reread", "skip")
 
 
 @dataclass
@@ -51,6 +53,15 @@ class TrainerConfig:
     pg_timeout_s: float = 600.0  # a collective that waits longer (a dead or frozen rank) fails
     check_every: int = 0  # steps between non-finite checks (0: at log steps and checkpoints)
     device: str = "auto"  # auto (GPU if visible) | cpu | cuda; local rank i uses visible GPU i
+    # warm start: a new run (new out_dir, new data) from a parent run directory or checkpoint (path
+    # or URI), taking init_parts of it: "model" (tables and dense layers), "optim" (the fused
+    # embedding and the dense optimizers' states), "balancer" (its buffers); then step 0
+    init_from: str = ""
+    init_parts: List[str] = field(default_factory=lambda: list(INIT_PARTS))
+    refit_transforms: bool = False  # warm start: fit the dense transforms anew instead of the parent's
+    # a resume under another split: a (file, row group) unit that was partly read is read again
+    # ("reread": its rows already trained on are trained twice) or left out of the epoch ("skip")
+    partial_units: str = "reread"
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.max_steps < 0:
@@ -63,5 +74,11 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if self.device not in DEVICES:
             raise ValueError(f"trainer.device must be one of {DEVICES}, got {self.device!r}")
+        unknown = [p for p in self.init_parts if p not in INIT_PARTS]
+        if unknown or "model" not in self.init_parts:
+            raise ValueError(f"trainer.init_parts must hold 'model' and only parts of {list(INIT_PARTS)}, "
+                             f"got {self.init_parts}")
+        if self.partial_units not in PARTIAL_UNITS:
+            raise ValueError(f"trainer.partial_units must be one of {PARTIAL_UNITS}, got {self.partial_units!r}")
         if not self.pg_timeout_s > 0:
             raise ValueError(f"trainer.pg_timeout_s must be > 0, got {self.pg_timeout_s}")

@@ -1,9 +1,11 @@
 """Run identity: what a checkpoint was trained with, saved beside it (`OUT/run.json`) and
 compared on resume, so that a checkpoint never silently continues under another config.
 
-- Position keys fix the data position a step stands for (which rows each rank has read): the
-  training files (their resolved list and row-group sizes), batch size, reader workers, world
-  size. A resume that changes one is always refused: the data order cannot be recovered.
+- Data keys: the training files (their resolved list and row-group sizes). A resume that
+  changes them is always refused (a new partition is a warm start: `trainer.init_from`).
+- Split keys (batch size, reader workers, world size) may change on resume: the checkpoint
+  records which units of the epoch were consumed, and the rest of the epoch is dealt to the
+  new readers (trainer.start).
 - Identity keys change what is trained (model, balancer, optimizers, losses, seed, precision,
   tables): a resume that changes one is refused unless `trainer.allow_config_change = true`.
 - Everything else (eval files and cadence, logging, epochs / max_steps, out_dir...) may change:
@@ -21,11 +23,14 @@ from typing import Any, Dict, List, Sequence
 from trainer.errors import RunError
 
 RUN_FILE = "run.json"
-POSITION = ("data.train", "data.batch_size", "data.num_workers", "world_size", "train_units")
+DATA_KEYS = ("data.train", "train_units")
+SPLIT_KEYS = ("data.batch_size", "data.num_workers", "world_size")
+RECORDS = ("parent", "architecture", "checkpoints")  # written beside the identity, never compared on resume
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
-        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device")
+        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device",
+        "trainer.partial_units")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -52,6 +57,42 @@ def identity(cfg, world_size: int, train_files: Sequence[str], unit_rows: Sequen
     return {**keep, "world_size": world_size, "train_units": units_digest(train_files, unit_rows)}
 
 
+def architecture(cfg) -> Dict[str, Any]:
+    """What a checkpoint's tensors are shaped by, resolved (shared tables, default dims): the part
+    of a run a warm start must keep."""
+    dim = cfg.model.embedding_dim
+    return {"tables": {t.name: {"rows": t.num_embeddings, "dim": t.dim or dim, "pooling": t.pooling,
+                                "features": t.features} for t in cfg.data.table_specs()},
+            "tasks": {t.name: t.kind for t in cfg.data.tasks}, "dense": list(cfg.data.dense),
+            "model": dataclasses.asdict(cfg.model)}
+
+
+def architecture_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """What differs between two `architecture` records, one line per table, task or key."""
+    out = []
+    for section, what in (("tables", "table"), ("tasks", "task"), ("model", "model")):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if key not in b:
+                out.append(f"{what} {key!r} only in the parent")
+            elif key not in a:
+                out.append(f"{what} {key!r} not in the parent")
+            elif isinstance(a[key], dict) and isinstance(b[key], dict) and a[key] != b[key]:
+                out += [f"{what} {key!r}: {f} {a[key].get(f)!r} in the parent, {b[key].get(f)!r} here"
+                        for f in sorted(set(a[key]) | set(b[key])) if a[key].get(f) != b[key].get(f)]
+            elif a[key] != b[key]:
+                out.append(f"{what} {key!r}: {a[key]!r} in the parent, {b[key]!r} here")
+    if old.get("dense") != new.get("dense"):
+        out.append(f"dense features: {old.get('dense')!r} in the parent, {new.get('dense')!r} here")
+    return out
+
+
+def digest(record: Dict[str, Any]) -> str:
+    """A run's identity digest (its run.json without the records)."""
+    ident = {k: v for k, v in record.items() if k not in RECORDS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Readers (other ranks, a restarted job) see the old file or the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -59,30 +100,35 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(out_dir: Path, ident: Dict[str, Any]) -> None:
-    write_atomic(out_dir / RUN_FILE, json.dumps(ident, indent=1, sort_keys=True, default=str))
+def dumps(record: Dict[str, Any]) -> str:
+    return json.dumps(record, indent=1, sort_keys=True, default=str)
+
+
+def save(out_dir: Path, record: Dict[str, Any]) -> None:
+    write_atomic(out_dir / RUN_FILE, dumps(record))
 
 
 def changed_keys(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     norm = lambda v: json.loads(json.dumps(v, default=str))  # as saved: tuples become lists
-    return sorted(k for k in set(old) | set(new) if norm(old.get(k)) != norm(new.get(k)))
+    return sorted(k for k in set(old) | set(new) if k not in RECORDS and norm(old.get(k)) != norm(new.get(k)))
 
 
-def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> None:
-    """Raises RunError if the checkpoints in out_dir were trained under another identity."""
+def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> Dict[str, Any]:
+    """Raises RunError if the checkpoints in out_dir were trained under another identity or on
+    other training files; returns the saved run.json (a change of split keys is allowed)."""
     path = out_dir / RUN_FILE
     if not path.is_file():
         raise RunError(f"{out_dir} has checkpoints but no {RUN_FILE}: cannot tell what they were trained "
                        f"with; use a new trainer.out_dir (or trainer.resume = false after moving them away)")
     old = json.loads(path.read_text())
     changed = changed_keys(old, ident)
-    if not changed:
-        return
     detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in changed)
-    position = [k for k in changed if k in POSITION]
-    if position:
-        raise RunError(f"cannot resume {out_dir}: the data position depends on {', '.join(position)}, "
-                       f"which changed ({detail}); use a new trainer.out_dir")
-    if not allow_change:
+    data = [k for k in changed if k in DATA_KEYS]
+    if data:
+        raise RunError(f"cannot resume {out_dir} on other training files ({detail}); to train this model on "
+                       f"new data, start a new trainer.out_dir with trainer.init_from = \"{out_dir}\"")
+    other = [k for k in changed if k not in SPLIT_KEYS]
+    if other and not allow_change:
         raise RunError(f"cannot resume {out_dir} under a different config ({detail}); use a new "
                        f"trainer.out_dir, or set trainer.allow_config_change = true to continue anyway")
+    return old

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,15 +17,15 @@ import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from data.batch import COUNTERS, Batch
+from data.batch import COUNTERS
 from data.footers import Footers, read_footers
 from data.reader import DataSource, fit_transforms, id_health, sample_table
 from data.transforms import FittedTransforms
 
-from trainer import checkpoint, identity
+from trainer import checkpoint, identity, start
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.checkpoint import CheckpointDir
-from trainer.errors import AlreadyFinished, RunError
+from trainer.errors import AlreadyFinished
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
 from trainer.preflight import agreed, check_data, check_disk, check_writable, on_main
@@ -33,16 +33,7 @@ from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
 log = logging.getLogger(__name__)
-STATS_FILE = "dense_stats.json"  # the dense transforms' fitted numbers, kept for eval and resume
-
-
-def batch_stream(src: DataSource, start_step: int) -> Iterator[Batch]:
-    """Batches across epochs from the data position of `start_step` (every epoch has exactly
-    src.steps_per_epoch batches on every rank, so the position follows from the step)."""
-    epoch, skip = divmod(start_step, src.steps_per_epoch)
-    for e in itertools.count(epoch):
-        it = src.epoch(e)
-        yield from itertools.islice(it, skip if e == epoch else 0, None)
+STATS_FILE = start.STATS_FILE
 
 
 def _per_task(prefix: str, values: torch.Tensor, tasks: List[str]) -> Dict[str, float]:
@@ -79,7 +70,7 @@ def _all_reduce_counters(src: DataSource, device: torch.device) -> Dict[str, int
 
 @dataclass
 class Run:
-    """What one training run works with, once checked, built and (maybe) resumed."""
+    """What one training run works with, once checked, built and started (trainer.start)."""
     out: Path
     tasks: List[str]
     ckpts: CheckpointDir
@@ -90,6 +81,8 @@ class Run:
     optimizer: object
     pipeline: object
     step: int  # the step training starts from (a resumed checkpoint's)
+    timeline: start.Timeline  # the data position of every step
+    start: dict  # where it started from, for summary.json
 
 
 def train(cfg) -> Dict:
@@ -110,6 +103,7 @@ def train(cfg) -> Dict:
         save_preds = run.out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
         final = evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks, save_preds)
     summary = _summary(cfg, env, step, final, run.train_src, run.eval_src, t_train, balancer)
+    summary["start"] = run.start
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
     if env.is_main:
@@ -120,25 +114,31 @@ def train(cfg) -> Dict:
 
 
 def _prepare(cfg, env) -> Run:
-    """Checks (agreed across ranks) -> data sources -> model, DMP, pipeline -> resume point."""
+    """Checks (agreed across ranks) -> where the run starts from -> data sources -> model, DMP,
+    pipeline -> the start (checked against this run) -> the checkpoint's parts loaded."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
     ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints)
-    train_src, eval_src = _sources(cfg, env, ckpts)
-    total = tcfg.max_steps or tcfg.epochs * train_src.steps_per_epoch
+    origin = on_main(lambda: start.find_origin(cfg, out, ckpts))
+    train_src, eval_src = _sources(cfg, env, origin.transforms)
     agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
-    ckpt = agreed(lambda: _resume_point(cfg, out, ckpts, ident, total))
+    begin = agreed(lambda: start.plan(cfg, origin, ident, train_src, out, ckpts))
     if env.is_main:  # after every rank has read the old one (agreed() gathers)
-        identity.save(out, ident)
-        identity.write_atomic(out / STATS_FILE, json.dumps(train_src.transforms.to_dict(), indent=1))
-    step = checkpoint.load(ckpt, dmp, optimizer) if ckpt is not None else 0
+        stats = json.dumps(train_src.transforms.to_dict(), indent=1)
+        identity.save(out, begin.record)
+        identity.write_atomic(out / STATS_FILE, stats)
+        ckpts.put(identity.RUN_FILE, identity.dumps(begin.record))  # a checkpoint directory says what trained it
+        ckpts.put(STATS_FILE, stats)
+    if origin.checkpoint is not None:
+        checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts)
     if (tcfg.checkpoint_every or tcfg.checkpoint_at_end) and not ckpts.remote:
         agreed(lambda: check_disk(Path(ckpts.root), checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
                                   tcfg.keep_checkpoints))
-    return Run(out, tasks, ckpts, train_src, eval_src, total, dmp, optimizer, pipeline, step)
+    return Run(out, tasks, ckpts, train_src, eval_src, begin.total, dmp, optimizer, pipeline, begin.step,
+               begin.timeline, begin.summary)
 
 
 def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, float]:
@@ -148,7 +148,7 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
     step, saved, balancer = run.step, run.step, run.dmp.module.balancer
     guard = NonFiniteGuard(env.device, run.train_src.steps_per_epoch, run.tasks)
     dense = [p for _, p in in_backward_optimizer_filter(run.dmp.named_parameters())]
-    stream = batch_stream(run.train_src, step)
+    stream = run.timeline.stream(step)
     bar = tqdm(total=run.total, initial=step, disable=not (env.is_main and tcfg.progress_bar), desc=desc,
                mininterval=2.0)
     boundaries = [b for b in (tcfg.eval_every, tcfg.checkpoint_every) if b > 0]
@@ -163,56 +163,34 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
             runlog.write("eval", step, _flat(evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks)))
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < run.total:
             guard.check(step, balancer.stats(), dense)
-            run.ckpts.save(run.dmp, run.optimizer, step)
+            run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step))
             saved = step
     bar.close()
     guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
     if tcfg.checkpoint_at_end and saved != step:  # (a resumed finished run has it already)
-        run.ckpts.save(run.dmp, run.optimizer, step)
+        run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step))
     return step, t_train
 
 
-def _sources(cfg, env, ckpts: CheckpointDir) -> Tuple[DataSource, DataSource]:
+def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
     """Both splits' footers and the dense transforms, read and fitted on rank 0 only and
-    broadcast; a run that resumes takes the transforms it was trained with (OUT/dense_stats.json)."""
+    broadcast; `saved`: the transforms to reuse (a resumed run's own, a warm start's parent's)."""
     def read() -> Tuple[Footers, Footers, FittedTransforms, Dict]:
         train = read_footers(cfg.data.train, cfg.data)
-        saved = Path(cfg.trainer.out_dir) / STATS_FILE
         # one sample for both the transforms' statistics and the id health
         columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse)]))
         sample = sample_table(train, cfg.data, columns)
-        if cfg.trainer.resume and ckpts.latest() is not None and saved.is_file():
-            transforms = FittedTransforms(**json.loads(saved.read_text()))
-        else:
-            transforms = fit_transforms(train, cfg.data, sample)
+        transforms = FittedTransforms(**saved) if saved is not None else fit_transforms(train, cfg.data, sample)
         return train, read_footers(cfg.data.eval, cfg.data), transforms, id_health(train, cfg.data, sample)
 
     train, ev, transforms, health = on_main(read)
     if env.is_main:
-        log.info("dense transforms: %s", transforms.describe())
+        log.info("dense transforms%s: %s", " (reused)" if saved is not None else "", transforms.describe())
     pin = env.device.type == "cuda"
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms,
                            cfg.data.shuffle)
     train_src.id_health = health
     return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms)
-
-
-def _resume_point(cfg, out: Path, ckpts: CheckpointDir, ident: Dict, total: int) -> Optional[str]:
-    """The checkpoint to resume from (None: a fresh run), after checking that it belongs to
-    this run."""
-    latest = ckpts.latest()
-    if latest is not None:
-        if not cfg.trainer.resume:
-            raise RunError(f"{out} holds checkpoints of an earlier run (newest: {latest}) and "
-                           f"trainer.resume = false: use a new trainer.out_dir, or remove {ckpts.uri}")
-        identity.check_resume(out, ident, cfg.trainer.allow_config_change)
-        done = checkpoint.step_of(latest)
-        if done >= total and (out / "summary.json").is_file():
-            raise AlreadyFinished(f"{out} holds a finished run (step {done} of {total}, summary.json): use a "
-                                  f"new trainer.out_dir, or raise trainer.epochs / trainer.max_steps to train on")
-        if done > total:
-            raise RunError(f"{out}: the checkpoint is at step {done}, past this config's {total} steps")
-    return latest
 
 
 def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: DataSource,

@@ -97,12 +97,14 @@ def test_shuffle_every_row_once_a_new_order_each_epoch_same_counts(raw):
 
 
 def test_a_resumed_stream_continues_the_shuffled_order(raw):
-    from trainer.loop import batch_stream
+    from trainer.start import Position, Timeline
     path = raw[0]
     cfg = _cfg(path, dense=["rid"], dense_transform="none", batch_size=64, shuffle=True, shuffle_buffer=500)
     src = DataSource([str(path)], cfg, 0, 1, shuffle=True)
-    whole = [b.dense_features[:, 0].tolist() for b in itertools.islice(batch_stream(src, 0), 150)]
-    resumed = [b.dense_features[:, 0].tolist() for b in itertools.islice(batch_stream(src, 70), 80)]
+    timeline = Timeline(src, Position())
+    whole = [b.dense_features[:, 0].tolist() for b in itertools.islice(timeline.stream(0), 150)]
+    at_70 = Timeline(src, timeline.at(70))  # what a resume at step 70 continues from
+    resumed = [b.dense_features[:, 0].tolist() for b in itertools.islice(at_70.stream(70), 80)]
     assert resumed == whole[70:]  # crosses the epoch boundary (63 steps per epoch)
 
 

@@ -84,9 +84,14 @@ def test_resume_identity(tmp_path):
     with pytest.raises(RunError, match=r"optim.dense_lr: 0.001 -> 0.01"):
         identity.check_resume(tmp_path, _ident(**{"optim.dense_lr": 0.01}), allow_change=False)
     identity.check_resume(tmp_path, _ident(**{"optim.dense_lr": 0.01}), allow_change=True)
-    for key, value in (("world_size", 4), ("data.batch_size", 1024), ("train_units", "y")):
-        with pytest.raises(RunError, match=f"data position depends on {key}"):
+    for key, value in (("train_units", "y"), ("data.train", ["b"])):
+        with pytest.raises(RunError, match=f"on other training files .*{key}.*trainer.init_from"):
             identity.check_resume(tmp_path, _ident(**{key: value}), allow_change=True)
+    # another split is a resume under another split (trainer.start), not a change of config
+    old = identity.check_resume(tmp_path, _ident(world_size=4, **{"data.batch_size": 1024}), allow_change=False)
+    assert old == _ident()
+    identity.save(tmp_path, {**_ident(), "parent": {"step": 3}, "architecture": {}})  # records, never compared
+    identity.check_resume(tmp_path, _ident(), allow_change=False)
 
 
 def test_checkpoints_without_identity_are_refused(tmp_path):

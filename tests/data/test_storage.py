@@ -2,6 +2,7 @@
 server mode, a subprocess): listing, globs over date partitions, errors naming the URI, and a
 2-rank run from s3:// that ends exactly as the same run from the local copy."""
 import copy
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,6 +100,29 @@ def test_two_ranks_train_from_s3_as_from_the_local_copy(s3, tiny_config, tmp_pat
     ckpts = CheckpointDir("s3://logs/runs/remote/ckpt")
     assert [c.rsplit("/", 1)[1] for c in ckpts.complete()] == ["step-000000003", "step-000000006"]
     assert ckpts.latest() == "s3://logs/runs/remote/ckpt/step-000000006"
+
+
+def _warm_start_from_s3(raw: dict, root: str):
+    """A parent whose checkpoints are on S3 and whose out_dir is gone; a child warm-started from
+    the S3 checkpoint directory alone (run.json and the dense transforms are beside it)."""
+    import shutil
+    parent = copy.deepcopy(raw)
+    parent["trainer"].update(out_dir=f"{root}/parent", checkpoint_dir="s3://logs/runs/daily/2026-12-01", max_steps=3)
+    _train(parent)
+    shutil.rmtree(f"{root}/parent")
+    child = copy.deepcopy(raw)
+    child["trainer"].update(out_dir=f"{root}/child", init_from="s3://logs/runs/daily/2026-12-01", max_steps=2)
+    return _train(child)
+
+
+def test_warm_start_from_a_checkpoint_directory_on_s3(s3, tiny_config, tmp_path):
+    from tests.dist_utils import run_ranks
+    summary = run_ranks(_warm_start_from_s3, (tiny_config, str(tmp_path)), world=1)[0]
+    assert summary["steps"] == 2 and summary["start"]["from"] == "parent"
+    assert summary["start"]["checkpoint"] == "s3://logs/runs/daily/2026-12-01/step-000000003"
+    assert summary["start"]["parent_step"] == 3
+    run = json.loads((tmp_path / "child" / "run.json").read_text())
+    assert run["parent"]["checkpoint"] == summary["start"]["checkpoint"] and run["parent"]["transforms"] == "parent"
 
 
 def test_unwritable_remote_checkpoint_dir_is_named(s3):

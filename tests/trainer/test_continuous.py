@@ -97,6 +97,7 @@ def _one_rank(raw, root, day2):
             res[name] = _outcome(r, *overrides[:-1])
         else:
             res[name] = _outcome(raw, *overrides)
+    res["resume_state"] = _loaded_state(raw, f"{root}/dump_resume", f"trainer.out_dir={root}/stopped")
     res["resumed"] = _train(raw, f"trainer.out_dir={root}/stopped", "trainer.epochs=1")
     res["parent1"] = _train(raw, f"trainer.out_dir={root}/parent1", "trainer.max_steps=5")
     return res
@@ -156,19 +157,22 @@ def _parts(flat: dict, part: str):
     return [k for k in flat if part_of(k) == part]
 
 
-@pytest.mark.parametrize("dump,parent", [("dump_2to1", "parent/checkpoints/step-000000012"),
-                                         ("dump_1to2", "parent1/checkpoints/step-000000005")])
-def test_warm_start_state_equals_the_parents_final_state(scenarios, dump, parent):
+@pytest.mark.parametrize("dump,parent", [("dump_2to1/step-000000000", "parent/checkpoints/step-000000012"),
+                                         ("dump_1to2/step-000000000", "parent1/checkpoints/step-000000005"),
+                                         ("dump_resume/step-000000007", "stopped/checkpoints/step-000000007")])
+def test_loaded_state_equals_the_checkpoints_on_another_world_size(scenarios, dump, parent):
+    """Warm starts 2 -> 1 and 1 -> 2 ranks, and a resume 2 -> 1: every model, optimizer and
+    balancer tensor equal element-wise."""
     root = scenarios[0]
-    got = _whole(str(root / dump / "step-000000000"), root)
+    got = _whole(str(root / dump), root)
     want = _whole(str(root / parent), root)
     for part in ("model", "optim", "balancer"):
         _assert_equal(want, got, _parts(want, part))
     momentum = [k for k in _parts(want, "optim") if k.endswith("momentum1")]
     assert len(momentum) == 6 and all(want[k].abs().sum() > 0 for k in momentum)  # real state was compared
     assert any(k.endswith("exp_avg_sq") for k in _parts(want, "optim"))  # the dense optimizer's too
-    assert int(got["progress.step"]) == 0
-    if dump == "dump_2to1":  # the config's learning rates, not the parent's
+    assert int(got["progress.step"]) == int(want["progress.step"]) * dump.startswith("dump_resume")
+    if dump.startswith("dump_2to1"):  # the config's learning rates, not the parent's
         assert scenarios[4]["state"]["lrs"] == pytest.approx([0.001, 0.01])  # (fused: float32)
 
 

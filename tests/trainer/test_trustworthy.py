@@ -50,6 +50,7 @@ def _scenarios(tiny_synth, tmp: Path):
     inf = _write(_replace(train, "d1", [float("inf")] + [0.5] * (train.num_rows - 1)), tmp / "inf" / "a.parquet")
     no_pos = _replace(_replace(ev, "conv", [0] * ev.num_rows), "cvr", [None] * ev.num_rows)
     no_pos = _write(no_pos, tmp / "nopos" / "a.parquet")  # conv: no positive; cvr: no labelled row
+    other = _write(train.slice(0, 3000), tmp / "other" / "a.parquet")
     uneven = _write(ev.slice(0, 300), tmp / "uneven" / "a.parquet", row_groups=[100, 150, 50])
     blocked = tmp / "blocked"
     (blocked / "checkpoints").parent.mkdir(parents=True)
@@ -70,8 +71,8 @@ def _scenarios(tiny_synth, tmp: Path):
         "sgd_resumed": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
         "changed": (["optim.sparse='sgd'", "trainer.max_steps=12", "optim.dense_lr=0.01"],
                     ("RunError", "optim.dense_lr: 0.003 -> 0.01")),
-        "batch_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", "data.batch_size=128"],
-                          ("RunError", "the data position depends on data.batch_size")),
+        "files_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", f"data.train=['{other}']"],
+                          ("RunError", "on other training files (data.train: ")),
         "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("AlreadyFinished", "holds a finished run")),
         # a restart after the final checkpoint but before summary.json: eval and summary, no step
         "completes": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),
@@ -81,7 +82,7 @@ def _scenarios(tiny_synth, tmp: Path):
     }
 
 
-SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "batch_changed": "sgd", "finished": "sgd", "completes": "sgd",
+SAME_DIR = {"sgd_resumed": "sgd", "changed": "sgd", "files_changed": "sgd", "finished": "sgd", "completes": "sgd",
             "finished_restart": "sgd"}
 
 
@@ -125,7 +126,7 @@ def outcomes(tiny_synth, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["empty", "no_row_groups", "null_labels", "nan_loss", "blocked_checkpoints",
-                                  "changed", "batch_changed", "finished"])
+                                  "changed", "files_changed", "finished"])
 def test_bad_runs_fail_with_a_named_error(outcomes, name):
     scenarios, got, _ = outcomes
     kind, fragment = scenarios[name][1]

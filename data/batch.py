@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -21,6 +21,8 @@ class Batch(Pipelineable):
     # 1, or the task's weight column
     label_mask: torch.Tensor
     counters: torch.Tensor  # [len(COUNTERS)] int64, host side, never moved to the device
+    # [B] int64 group ids (eval with data.eval_group; see data.reader.group_ids), host side, or None
+    group: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -29,6 +31,7 @@ class Batch(Pipelineable):
             self.labels.to(device, non_blocking=non_blocking),
             self.label_mask.to(device, non_blocking=non_blocking),
             self.counters,
+            self.group,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -44,6 +47,7 @@ class Batch(Pipelineable):
             self.labels.pin_memory(),
             self.label_mask.pin_memory(),
             self.counters,
+            self.group,
         )
 
     @staticmethod

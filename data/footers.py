@@ -84,7 +84,8 @@ class Footers:
 
 def _wanted(cfg: DataConfig) -> List[Tuple[str, str]]:
     return ([(f.column, "sparse") for f in cfg.sparse] + [(c, "dense") for c in cfg.dense]
-            + [(t.column, "label") for t in cfg.tasks] + [(t.weight, "weight") for t in cfg.tasks if t.weight])
+            + [(t.column, "label") for t in cfg.labelled_tasks] + [(t.weight, "weight") for t in cfg.labelled_tasks
+                                                                    if t.weight])
 
 
 def _one_file(path: str, wanted: List[Tuple[str, str]]) -> Dict:

@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.batch import COUNTERS, Batch
 from data.errors import DataError
 from data.footers import Footers, id_value_type, is_string_like, read_footers, spread
-from data.hashing import hash_ids, hash_strings
+from data.hashing import hash64_distinct, hash_ids, hash_strings
 from data.position import assign_units, reader_order
 from data.storage import open_parquet
 from data.schema import DataConfig
@@ -75,6 +75,7 @@ class Chunk:
     values: List[np.ndarray]
     counters: np.ndarray
     offsets: np.ndarray = None  # type: ignore[assignment]
+    group: Optional[np.ndarray] = None  # [R] int64 group ids (eval with data.eval_group), else None
 
     def __post_init__(self) -> None:
         if self.offsets is None:
@@ -92,12 +93,14 @@ class Chunk:
         lo, hi = (o[:, a] - o[:, 0]).tolist(), (o[:, b] - o[:, 0]).tolist()
         return Chunk(self.dense[a:b], self.labels[a:b], self.mask[a:b], self.lengths[:, a:b],
                      [v[i:j] for v, i, j in zip(self.values, lo, hi)],
-                     self.counters if with_counters else np.zeros_like(self.counters), o[:, a:b + 1])
+                     self.counters if with_counters else np.zeros_like(self.counters), o[:, a:b + 1],
+                     None if self.group is None else self.group[a:b])
 
     def compact(self) -> "Chunk":
         """Copies views into arrays of their own: a pickled view would carry its whole base."""
         return Chunk(self.dense.copy(), self.labels.copy(), self.mask.copy(), self.lengths.copy(),
-                     [v.copy() for v in self.values], self.counters.copy(), self.offsets.copy())
+                     [v.copy() for v in self.values], self.counters.copy(), self.offsets.copy(),
+                     None if self.group is None else self.group.copy())
 
     def take(self, idx: np.ndarray) -> "Chunk":
         """Rows `idx` [n], in that order (a copy)."""
@@ -108,13 +111,15 @@ class Chunk:
             out_start = np.cumsum(n_f) - n_f  # where each row's ids go in the output
             src = np.repeat(self.offsets[f, idx] - self.offsets[f, 0] - out_start, n_f) + np.arange(n_f.sum())
             values.append(v[src])
-        return Chunk(self.dense[idx], self.labels[idx], self.mask[idx], lengths, values, self.counters.copy())
+        return Chunk(self.dense[idx], self.labels[idx], self.mask[idx], lengths, values, self.counters.copy(),
+                     group=None if self.group is None else self.group[idx])
 
     @staticmethod
     def concat(a: "Chunk", b: "Chunk") -> "Chunk":
         return Chunk(np.concatenate([a.dense, b.dense]), np.concatenate([a.labels, b.labels]),
                      np.concatenate([a.mask, b.mask]), np.concatenate([a.lengths, b.lengths], axis=1),
-                     [np.concatenate([x, y]) for x, y in zip(a.values, b.values)], a.counters + b.counters)
+                     [np.concatenate([x, y]) for x, y in zip(a.values, b.values)], a.counters + b.counters,
+                     group=None if a.group is None else np.concatenate([a.group, b.group]))
 
 
 def batch_windows(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
@@ -143,8 +148,8 @@ def batch_windows(chunks: Iterator[Chunk], size: int) -> Iterator[Chunk]:
 class ChunkDecoder:
     """Arrow table of one row group -> Chunk, validating as it goes."""
 
-    def __init__(self, cfg: DataConfig, transforms: FittedTransforms):
-        self.cfg, self.transforms = cfg, transforms
+    def __init__(self, cfg: DataConfig, transforms: FittedTransforms, group: str = ""):
+        self.cfg, self.transforms, self.group = cfg, transforms, group
 
     def decode(self, table: pa.Table, path: str, rg: int) -> Chunk:
         counters = np.zeros(len(COUNTERS), np.int64)
@@ -161,9 +166,10 @@ class ChunkDecoder:
             lengths.append(lens)
             values.append(vals)
             offsets.append(offs)
+        group = group_ids(table.column(self.group)) if self.group else None
         if not lengths:  # no sparse feature
-            return Chunk(dense, labels, mask, np.zeros((0, table.num_rows), np.int32), [], counters)
-        return Chunk(dense, labels, mask, np.stack(lengths), values, counters, np.stack(offsets))
+            return Chunk(dense, labels, mask, np.zeros((0, table.num_rows), np.int32), [], counters, group=group)
+        return Chunk(dense, labels, mask, np.stack(lengths), values, counters, np.stack(offsets), group)
 
     def _nonfinite(self, dense: np.ndarray, table: pa.Table, path: str, rg: int, counters: np.ndarray) -> None:
         """+-inf (also a float64 beyond float32's range, which the cast made inf): one such value
@@ -186,7 +192,8 @@ class ChunkDecoder:
         label; else the task's weight column, 1 without one). Binary labels must be 0 or 1,
         regression labels finite; weights finite and >= 0 (a null weight is 0)."""
         tasks = self.cfg.tasks
-        y = _as_float_matrix(table, [t.column for t in tasks])
+        y = _as_float_matrix(table, [t.column for t in tasks], absent={t.column for t in tasks
+                                                                       if t.name in self.cfg.unlabelled})
         known = ~np.isnan(y)
         binary = np.array([t.kind == "binary" for t in tasks])
         bad = known & np.where(binary, (y != 0) & (y != 1), ~np.isfinite(y))
@@ -197,7 +204,7 @@ class ChunkDecoder:
                             f"(row {row} of row group {rg}); labels must be {want}")
         weights = known.astype(np.float32)
         for m, t in enumerate(tasks):
-            if t.weight:
+            if t.weight and t.name not in self.cfg.unlabelled:
                 w = _as_float_matrix(table, [t.weight])[:, 0]
                 wrong = ~np.isnan(w) & ~((w >= 0) & np.isfinite(w))
                 if wrong.any():
@@ -255,6 +262,23 @@ class ChunkDecoder:
         return ids
 
 
+NO_GROUP = np.iinfo(np.int64).min  # a row whose group is null: in no group
+
+
+def group_ids(col: pa.ChunkedArray) -> np.ndarray:
+    """A grouping column (a user id, a request id) -> int64 [R]: integers as they are, strings
+    by their mbrec-hash64 (collisions those of a 64-bit hash), nulls NO_GROUP."""
+    arr = col.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    if is_string_like(arr.type):
+        out = np.full(len(arr), NO_GROUP, np.int64)
+        out[valid] = (hash64_distinct(arr.drop_null()) >> np.uint64(1)).astype(np.int64)
+        return out
+    return np.where(valid, arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64), NO_GROUP)
+
+
 @functools.lru_cache(maxsize=8)
 def _single_id_layout(rows: int) -> Tuple[np.ndarray, np.ndarray]:
     """lengths [R] of ones and offsets [R + 1] = 0..R, read-only."""
@@ -263,12 +287,16 @@ def _single_id_layout(rows: int) -> Tuple[np.ndarray, np.ndarray]:
     return lengths, offsets
 
 
-def _as_float_matrix(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+def _as_float_matrix(table: pa.Table, columns: Sequence[str], absent: frozenset = frozenset()) -> np.ndarray:
     """Numeric columns -> float32 [R, len(columns)], NaN where a value is null (Arrow's own
-    conversion for floats and integers; booleans with nulls are cast first)."""
+    conversion for floats and integers; booleans with nulls are cast first); `absent` columns
+    (not in the files: unlabelled tasks) are all NaN."""
     out = np.empty((table.num_rows, len(columns)), np.float32)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: checked by the caller
         for j, name in enumerate(columns):
+            if name in absent:
+                out[:, j] = np.nan
+                continue
             col = table.column(name)
             if col.null_count and pa.types.is_boolean(col.type):
                 col = col.cast(pa.float32())
@@ -286,7 +314,8 @@ def chunk_to_batch(chunk: Chunk, keys: List[str]) -> Batch:
         lengths=torch.from_numpy(chunk.lengths.ravel()), stride=chunk.rows,  # [F * R], key-major
         length_per_key=per_key, offset_per_key=[0] + list(itertools.accumulate(per_key)))
     return Batch(torch.from_numpy(chunk.dense), kjt, torch.from_numpy(chunk.labels),
-                 torch.from_numpy(chunk.mask), torch.from_numpy(chunk.counters))
+                 torch.from_numpy(chunk.mask), torch.from_numpy(chunk.counters),
+                 None if chunk.group is None else torch.from_numpy(chunk.group))
 
 
 class ParquetBatches(IterableDataset):
@@ -305,12 +334,13 @@ class ParquetBatches(IterableDataset):
 
     def __init__(self, units: Sequence[Tuple[str, int]], cfg: DataConfig, rank: int, world_size: int,
                  epoch: int = 0, shuffle: bool = False, transforms: Optional[FittedTransforms] = None,
-                 string_ids: Sequence[str] = ()):
+                 string_ids: Sequence[str] = (), group: str = ""):
         self.units, self.cfg, self.rank, self.world_size = list(units), cfg, rank, world_size
         self.string_ids = list(string_ids)  # read as dictionaries: hashed once per distinct value
         self.epoch, self.shuffle, self.transforms = epoch, shuffle, transforms
         self.keys = [f.name for f in cfg.sparse]
-        self.columns = cfg.columns
+        self.group = group  # a column whose values group the rows (grouped eval metrics), or ""
+        self.columns = sorted(set(cfg.columns) | ({group} if group else set()))
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -334,7 +364,7 @@ class ParquetBatches(IterableDataset):
             yield WorkerFailure(str(e))
 
     def _decoded(self, units: List[Tuple[str, int]]) -> Iterator[Chunk]:
-        decoder = ChunkDecoder(self.cfg, self.transforms)
+        decoder = ChunkDecoder(self.cfg, self.transforms, self.group)
         handles: Dict[str, pq.ParquetFile] = {}
         for path, rg in units:
             try:
@@ -477,10 +507,12 @@ class DataSource:
 
     def __init__(self, patterns: Sequence[str], cfg: DataConfig, rank: int, world_size: int,
                  pin_memory: bool = False, footers: Optional[Footers] = None,
-                 transforms: Optional[FittedTransforms] = None, shuffle: bool = False):
+                 transforms: Optional[FittedTransforms] = None, shuffle: bool = False, group: str = ""):
         """`footers` (read here if not given: a distributed run reads them on one rank);
-        `transforms` (fitted on this split if not given: eval takes the training split's)."""
+        `transforms` (fitted on this split if not given: eval takes the training split's);
+        `group`: a column read into each Batch's group ids (eval's data.eval_group)."""
         self.cfg, self.rank, self.world_size, self.pin_memory = cfg, rank, world_size, pin_memory
+        self.group = group
         self.footers = footers if footers is not None else read_footers(patterns, cfg)
         self.transforms = transforms if transforms is not None else fit_transforms(self.footers, cfg)
         self.shuffle = shuffle
@@ -507,7 +539,7 @@ class DataSource:
     def dataset(self, epoch: int = 0, units: Optional[Sequence[int]] = None) -> ParquetBatches:
         dealt = self.footers.units if units is None else [self.footers.units[u] for u in units]
         return ParquetBatches(dealt, self.cfg, self.rank, self.world_size, epoch, self.shuffle,
-                              self.transforms, self.footers.string_ids)
+                              self.transforms, self.footers.string_ids, self.group)
 
     def batches(self, num_workers: int, epoch: int = 0, units: Optional[Sequence[int]] = None) -> Iterator[Batch]:
         """This rank's real batches for one epoch (over `units`, see `deal`), read by

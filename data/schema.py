@@ -105,6 +105,11 @@ class DataConfig:
     # +-inf in a dense column (or a float64 beyond float32's range): "error" names the file,
     # row group, column and row; "fill" replaces it by dense_fill and counts it (dense_nonfinite)
     nonfinite: str = "error"
+    # tasks whose label (and weight) columns the files do not have: read as unlabelled rows
+    # (scoring candidates with `mbrec predict`, which sets it; training refuses a task without labels)
+    unlabelled: List[str] = field(default_factory=list)
+    # a column grouping the eval rows (a user id, a request id): adds grouped AUC (GAUC) per task
+    eval_group: str = ""
 
     def __post_init__(self) -> None:
         if self.id_policy not in ("hash", "error"):
@@ -157,10 +162,16 @@ class DataConfig:
         return specs
 
     @property
+    def labelled_tasks(self) -> List[Task]:
+        """The tasks whose label columns the files have (see `unlabelled`)."""
+        return [t for t in self.tasks if t.name not in self.unlabelled]
+
+    @property
     def columns(self) -> List[str]:
         """Every Parquet column the reader decodes."""
-        return sorted({f.column for f in self.sparse} | set(self.dense) | {t.column for t in self.tasks}
-                      | {t.weight for t in self.tasks if t.weight})
+        tasks = self.labelled_tasks
+        return sorted({f.column for f in self.sparse} | set(self.dense) | {t.column for t in tasks}
+                      | {t.weight for t in tasks if t.weight})
 
     @property
     def task_names(self) -> List[str]:

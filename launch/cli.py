@@ -3,6 +3,8 @@
     mbrec synth  CONFIG                 write the synthetic dataset of [synth]
     mbrec train  CONFIG                 train in this process (a rank under torchrun/torchx)
     mbrec launch CONFIG -s local_cwd -j 1x2   train through torchx
+    mbrec export RUN --out DIR [--dtype int8]   a TorchScript serving artifact (quantized tables)
+    mbrec predict CONFIG --from RUN --data PATHS --out URI [--keep COLS] [-j 1x2]   batch scoring
     mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
     mbrec report RUN_DIR...             results table, report.md and plots of finished runs
     mbrec validate CONFIG               scan every row group of the data once, report every error
@@ -99,6 +101,25 @@ def _collective_failure(e: RuntimeError) -> bool:
 def cmd_launch(args) -> int:
     extra = (["--gpu", str(args.gpu)] if args.gpu else []) + ["--max_restarts", str(args.max_restarts)]
     return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args, extra)
+
+
+def cmd_predict(args) -> int:
+    """In this process (a rank under torchrun), or through torchx with -j."""
+    if args.j:
+        extra = ["--source", args.source, "--out", args.out, "--data", ",".join(args.data),
+                 "--keep", ",".join(args.keep), "--gpu", str(args.gpu)]
+        return launch(args.config, args.set, args.scheduler, args.j, None, extra, component_fn="predict")
+    from trainer.predict import predict
+    cfg = load_config(args.config, args.set)
+    predict(cfg, args.source, args.data, args.out, args.keep)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from trainer.export import export
+    manifest = export(args.source, args.out, args.dtype)
+    print(json.dumps({k: manifest[k] for k in ("checkpoint", "step", "embedding_dtype", "bytes")}))
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -244,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mbrec", description="Multi-task recommendation trainer with MultiBalance")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     helps = {"synth": "write the synthetic dataset of [synth]", "train": "train in this process (one rank)",
-             "launch": "train through torchx", "demo": "synth + equal and MultiBalance runs + report",
+             "launch": "train through torchx", "predict": "score Parquet rows with a trained checkpoint",
+             "demo": "synth + equal and MultiBalance runs + report",
              "compare": "every balancing method + single-task models, paired over seeds",
              "bench": "training QPS of the variants", "plan": "sharding plan and memory per GPU, simulated",
              "validate": "decode every row group once; list every error",
@@ -274,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scheduler-args", default=None, help="torchx -cfg string, e.g. partition=gpu")
     sp.add_argument("--max-restarts", type=int, default=2,
                     help="torchrun restarts of all ranks after one fails; each resumes from the last checkpoint")
+    sp = add("predict", cmd_predict)
+    sp.add_argument("--from", dest="source", required=True,
+                    help="a run directory, checkpoint directory or step-N checkpoint (path or URI)")
+    sp.add_argument("--data", nargs="+", required=True, help="Parquet files, directories, globs or URIs")
+    sp.add_argument("--out", required=True, help="output directory or URI (part-R.parquet per rank)")
+    sp.add_argument("--keep", nargs="*", default=[], help="input columns copied beside the predictions")
+    sp.add_argument("-s", "--scheduler", default="local_cwd", help="torchx scheduler (with -j)")
+    sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE through torchx (default: this process)")
+    sp.add_argument("--gpu", type=int, default=0, help="GPUs per node (with -j)")
+    sp = sub.add_parser("export", help="a TorchScript serving artifact of a trained checkpoint",
+                        formatter_class=_Help)
+    sp.add_argument("source", help="a run directory, checkpoint directory or step-N checkpoint (path or URI)")
+    sp.add_argument("--out", required=True, help="the artifact's directory")
+    sp.add_argument("--dtype", default="int8", choices=["int8", "fp16", "fp32"], help="embedding tables' dtype")
+    sp.set_defaults(fn=cmd_export)
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE (default: 1x2, or 1xGPUs up to 2)")
     sp = add("compare", cmd_compare, config_required=False)

@@ -219,6 +219,12 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
                          [[n] + [_ms([r["eval"][t]["auc"] for r in runs[n]], "{:.4f}") for t in tasks]
                           + [_ms([float(np.mean([r["eval"][t]["auc"] for t in tasks])) for r in runs[n]], "{:.4f}")]
                           for n in joint])
+    # calibration (mean prediction / label rate: 1 is calibrated) and GAUC where every run has them
+    for key, title in (("calibration", "calibration"), ("gauc", "GAUC")):
+        if all(r["eval"][t].get(key) is not None for n in joint for r in runs[n] for t in tasks):
+            auc += "\n\n" + markdown_table(["method"] + [f"{title} {t}" for t in tasks],
+                                            [[n] + [_ms([r["eval"][t][key] for r in runs[n]], "{:.4f}") for t in tasks]
+                                             for n in joint])
     t2 = markdown_table(["method", "train QPS (rows/s)", "QPS drop vs equal % (indicative)", "avg NE gain %"],
                         [[n, _ms(qps[n], "{:.0f}"), _ms([100 * (1 - q / base_qps) for q in qps[n]], "{:+.2f}"),
                           _ci(gains[n]["average"]) if n in gains else "0"] for n in joint])

@@ -56,6 +56,46 @@ def train(
     return with_restarts(app, max_restarts)
 
 
+def predict(
+    *overrides: str,
+    config: str = "launch/configs/demo.toml",
+    source: str = "",
+    data: str = "",
+    out: str = "",
+    keep: str = "",
+    j: str = "1x2",
+    name: str = "mbrec-predict",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    gpu: int = 0,
+    env: Optional[Dict[str, str]] = None,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Scores Parquet rows with a trained checkpoint (`mbrec predict` on every rank).
+
+    Args:
+        overrides: config overrides, section.key=value
+        config: TOML run config of the trained model
+        source: run directory, checkpoint directory or step-N checkpoint
+        data: comma-separated Parquet files, directories, globs or URIs
+        out: output directory or URI
+        keep: comma-separated input columns copied beside the predictions
+        j: {nnodes}x{nproc_per_node}
+        name: job name
+        image: image (local_cwd: ignored)
+        h: named resource
+        gpu: GPUs per replica
+        env: extra environment variables
+        rdzv_port: rendezvous port on the first node
+    """
+    args = ["predict", config, "--from", source, "--out", out, "--data", *data.split(",")]
+    args += ["--keep", *keep.split(",")] if keep else []
+    args += [a for o in overrides for a in ("--set", o)]
+    cpu, memMB = node_resources(j, _workers(config, overrides))
+    return dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
+                    env={"PYTHONUNBUFFERED": "1", **(env or {})}, rdzv_port=rdzv_port)
+
+
 RANK_CPUS, RANK_MEM_MB = 1, 8192  # per rank process
 WORKER_CPUS, WORKER_MEM_MB = 1, 2048  # per DataLoader worker process of a rank
 

@@ -98,6 +98,9 @@ def results_table(runs: List[Path]) -> tuple[List[str], List[List[str]], Dict]:
     tasks = binary_tasks(first)  # NE / AUC tables; regression tasks' MSE / MAE are in summary.json
     oracle = oracle_ne(first["eval_files"], first["tasks"])
     header = ["task"] + [f"NE {n}" for n in summaries] + [f"AUC {n}" for n in summaries]
+    # calibration (mean prediction / label rate) and grouped AUC, where the runs have them
+    extra = [k for k in ("calibration", "gauc") if all(k in s["eval"][tasks[0]] for s in summaries.values())] if tasks else []
+    header += [f"{'GAUC' if k == 'gauc' else 'calibration'} {n}" for k in extra for n in summaries]
     header += [f"NE gain {n} %" for n in summaries if base and n != base] + ["oracle NE"]
     rows = []
     for t in tasks + ["average"]:
@@ -108,7 +111,11 @@ def results_table(runs: List[Path]) -> tuple[List[str], List[List[str]], Dict]:
         def auc(n):
             s = summaries[n]["eval"]
             return float(np.mean([defined_or_nan(s[k]["auc"]) for k in tasks])) if t == "average" else defined_or_nan(s[t]["auc"])
+        def other(n, k):
+            s = summaries[n]["eval"]
+            return float(np.mean([defined_or_nan(s[j][k]) for j in tasks])) if t == "average" else defined_or_nan(s[t][k])
         row = [t] + [f"{ne(n):.5f}" for n in summaries] + [f"{auc(n):.4f}" for n in summaries]
+        row += [f"{other(n, k):.4f}" for k in extra for n in summaries]
         if t == "average":  # the mean of the per-task gains, as the paper's tables report
             row += [f"{np.mean([ne_gain(summaries[base]['eval'][k]['ne'], summaries[n]['eval'][k]['ne']) for k in tasks]):+.3f}"
                     for n in summaries if base and n != base]

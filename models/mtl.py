@@ -18,7 +18,7 @@ from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 
 @dataclass
@@ -93,6 +93,8 @@ class MultiTaskDCN(nn.Module):
                  cfg: ModelConfig, device: Optional[torch.device] = None):
         super().__init__()
         self.ebc = ebc
+        # the features' order in the dense layers' input: the tables' order, whatever the plan
+        self.emb_order = [f for c in ebc.embedding_bag_configs() for f in c.feature_names]
         # [B, sum of the features' dims]: a shared table's dim once per feature that looks it up
         emb_dim = sum(t.embedding_dim * len(t.feature_names) for t in ebc.embedding_bag_configs())
         self.dense_arch = MLP(num_dense, cfg.dense_arch, device=device)
@@ -104,7 +106,9 @@ class MultiTaskDCN(nn.Module):
         self.representation_dim = cfg.shared_arch[-1]
 
     def representation(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        emb = self.ebc(sparse).values()  # [B, F * d]: features in table order
+        # A sharded EBC returns its features grouped by the rank that holds them, an order that
+        # depends on the sharding plan: regrouped, a model means the same on any world size.
+        emb = KeyedTensor.regroup([self.ebc(sparse)], [self.emb_order])[0]  # [B, F * d], table order
         x = torch.cat([emb, self.dense_arch(dense)], dim=1)  # [B, F * d + n_dense]
         return self.shared(self.cross(x))  # [B, n']
 

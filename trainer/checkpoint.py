@@ -52,9 +52,27 @@ BALANCER_PREFIX = "balancer."  # the balancer's buffers in the DMP state dict
 
 
 def _state(dmp, optimizer, step: int, position: str = "") -> dict:
-    """What a checkpoint holds. `position`: the data position, as JSON (trainer.start)."""
+    """What a checkpoint holds. `position`: the data position as JSON (trainer.start), kept as a
+    uint8 tensor of its bytes (written like every tensor, and sized by the checkpoint's metadata
+    when read back)."""
     return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "progress": {"step": torch.tensor(step, dtype=torch.int64), "position": position}}
+            "progress": {"step": torch.tensor(step, dtype=torch.int64), "position": _encode(position)}}
+
+
+def _encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def _decode(t: Optional[torch.Tensor]) -> Optional[str]:
+    return bytes(t.tolist()).decode() if t is not None else None
+
+
+def _progress(meta: Dict[str, object]) -> dict:
+    """An empty progress state shaped as the checkpoint's (no position before it was recorded)."""
+    out = {"step": torch.tensor(0, dtype=torch.int64)}
+    if "progress.position" in meta:
+        out["position"] = torch.zeros(list(meta["progress.position"].size), dtype=torch.uint8)
+    return out
 
 
 def step_of(checkpoint: str) -> int:
@@ -209,15 +227,12 @@ def read_metadata(path: str) -> Dict[str, object]:
 
 def read_progress(path: str) -> Tuple[int, Optional[str]]:
     """(step, data position as JSON or None) of a checkpoint, read by this process alone."""
-    meta = read_metadata(path)
-    state = {"progress": {"step": torch.tensor(0, dtype=torch.int64)}}
-    if "progress.position" in meta:
-        state["progress"]["position"] = ""
+    state = {"progress": _progress(read_metadata(path))}
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
-    return int(state["progress"]["step"]), state["progress"].get("position")
+    return int(state["progress"]["step"]), _decode(state["progress"].get("position"))
 
 
 def part_of(key: str) -> str:
@@ -244,8 +259,7 @@ def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
             if isinstance(opt, KeyedOptimizerWrapper):
                 opt.init_state()
     state = _state(dmp, optimizer, 0)
-    if "progress.position" not in meta:
-        del state["progress"]["position"]
+    state["progress"] = _progress(meta)
     chosen = {k: v for k, v in _flat(state) if part_of(k) in (*parts, "progress")}
     agreed(lambda: check_fits(path, meta, chosen, parts, _all_ranks(chosen)))
     present = _without_empty(_select(state, chosen))
@@ -258,8 +272,9 @@ def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
     dmp.load_state_dict(state["model"])
     if "optim" in parts:
         optimizer.load_state_dict(state["optim"])
-    log.info("loaded %s of %s", ", ".join(parts), path)
-    return Loaded(int(state["progress"]["step"]), state["progress"].get("position"))
+    step = int(state["progress"]["step"])
+    log.info("loaded %s of %s (step %d)", ", ".join(parts), path, step)
+    return Loaded(step, _decode(state["progress"].get("position")))
 
 
 def _flat(d: dict, prefix: str = "") -> Iterator[Tuple[str, object]]:

@@ -25,12 +25,15 @@ from trainer.errors import RunError
 RUN_FILE = "run.json"
 DATA_KEYS = ("data.train", "train_units")
 SPLIT_KEYS = ("data.batch_size", "data.num_workers", "world_size")
-RECORDS = ("parent", "architecture", "checkpoints")  # written beside the identity, never compared on resume
+RECORDS = ("parent", "architecture", "checkpoints", "embedding_order")  # written beside the identity, never compared on resume
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
         "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device",
-        "trainer.partial_units")
+        "trainer.partial_units", "data.unlabelled", "data.eval_group")
+# keys added after run.json files were first written: a record without one was trained with this value
+ADDED = {"trainer.init_from": "", "trainer.init_parts": ["model", "optim", "balancer"],
+         "trainer.refit_transforms": False}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -121,7 +124,7 @@ def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> Di
         raise RunError(f"{out_dir} has checkpoints but no {RUN_FILE}: cannot tell what they were trained "
                        f"with; use a new trainer.out_dir (or trainer.resume = false after moving them away)")
     old = json.loads(path.read_text())
-    changed = changed_keys(old, ident)
+    changed = changed_keys({**ADDED, **old}, ident)
     detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in changed)
     data = [k for k in changed if k in DATA_KEYS]
     if data:

@@ -2,6 +2,7 @@
 boundaries, evaluate across ranks, save. Entry point: `train(cfg)` in every rank."""
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -9,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from data.batch import COUNTERS
 from data.footers import Footers, read_footers
-from data.reader import DataSource, fit_transforms, id_health, sample_table
+from data.reader import NO_GROUP, DataSource, fit_transforms, id_health, sample_table
 from data.transforms import FittedTransforms
 
 from trainer import checkpoint, identity, start
@@ -28,7 +29,7 @@ from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
-from trainer.preflight import agreed, check_data, check_disk, check_writable, on_main
+from trainer.preflight import agreed, check_data, check_disk, check_group_column, check_writable, on_main
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
@@ -40,24 +41,47 @@ def _per_task(prefix: str, values: torch.Tensor, tasks: List[str]) -> Dict[str, 
     return {f"{prefix}/{t}": float(v) for t, v in zip(tasks, values.tolist())}
 
 
+def scored(pipeline, dmp, src: DataSource) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """(predictions, labels, weights [B, M], group ids [B] or None) of every batch of one epoch
+    of `src`, padding batches included (at the end of a rank's epoch), in eval mode: no
+    backward, no step. The pipeline returns outputs in the order it takes batches, so each
+    batch's host-side group ids wait in a queue for its output."""
+    groups: collections.deque = collections.deque()
+
+    def feed(it):
+        for batch in it:
+            groups.append(batch.group)
+            yield batch
+
+    dmp.eval()
+    try:
+        with torch.no_grad():
+            it = feed(itertools.islice(src.epoch(), src.steps_per_epoch))
+            while True:
+                try:
+                    _, probs, labels, mask = pipeline.progress(it)
+                except StopIteration:
+                    return
+                yield probs, labels, mask, groups.popleft()
+    finally:
+        dmp.train()
+
+
 def evaluate(pipeline, dmp, src: DataSource, env, tasks: List[str], save_to: Path | None = None) -> Dict:
     evaluator = Evaluator(tasks, env.world_size, env.rank, src.cfg.batch_size, max(src.rank_rows),
-                          src.steps_per_epoch, env.device, [t.kind == "regression" for t in src.cfg.tasks])
-    kept = []
-    dmp.eval()
-    with torch.no_grad():
-        it = itertools.islice(src.epoch(), src.steps_per_epoch)
-        while True:
-            try:
-                _, probs, labels, mask = pipeline.progress(it)
-            except StopIteration:
-                break
-            evaluator.update(probs, labels, mask)
-            if save_to is not None:
-                kept.append(torch.cat([probs, labels, mask], 1).cpu())
-    dmp.train()
-    if save_to is not None:  # for offline checks of the metrics; [rows, 3M]
+                          src.steps_per_epoch, env.device, [t.kind == "regression" for t in src.cfg.tasks],
+                          grouped=bool(src.group))
+    kept, kept_groups = [], []
+    for probs, labels, mask, group in scored(pipeline, dmp, src):
+        evaluator.update(probs, labels, mask, group)
+        if save_to is not None:
+            kept.append(torch.cat([probs, labels, mask], 1).cpu())
+            if src.group:  # padding rows: no group
+                kept_groups.append(group if group is not None else torch.full((probs.shape[0],), NO_GROUP))
+    if save_to is not None:  # for offline checks of the metrics; [rows, 3M] (and the groups [rows])
         np.save(save_to, torch.cat(kept).numpy())
+        if src.group:
+            np.save(save_to.with_name(save_to.name.replace("predictions", "groups")), torch.cat(kept_groups).numpy())
     return evaluator.compute()
 
 
@@ -134,6 +158,7 @@ def _prepare(cfg, env) -> Run:
         ckpts.put(STATS_FILE, stats)
     if origin.checkpoint is not None:
         checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts)
+        log.info("%s %s", "resumed from" if origin.kind == "resume" else "warm start from", origin.checkpoint)
     if (tcfg.checkpoint_every or tcfg.checkpoint_at_end) and not ckpts.remote:
         agreed(lambda: check_disk(Path(ckpts.root), checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
                                   tcfg.keep_checkpoints))
@@ -181,7 +206,9 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
         columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse)]))
         sample = sample_table(train, cfg.data, columns)
         transforms = FittedTransforms(**saved) if saved is not None else fit_transforms(train, cfg.data, sample)
-        return train, read_footers(cfg.data.eval, cfg.data), transforms, id_health(train, cfg.data, sample)
+        ev = read_footers(cfg.data.eval, cfg.data)
+        check_group_column(ev, cfg.data.eval_group)
+        return train, ev, transforms, id_health(train, cfg.data, sample)
 
     train, ev, transforms, health = on_main(read)
     if env.is_main:
@@ -190,7 +217,8 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms,
                            cfg.data.shuffle)
     train_src.id_health = health
-    return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms)
+    return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms,
+                                 group=cfg.data.eval_group)
 
 
 def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: DataSource,

@@ -124,15 +124,15 @@ def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
     if not tcfg.init_from:
         return Origin("fresh")
     ckpt, home = resolve_parent(tcfg.init_from)
-    record = _read_json(home, identity.RUN_FILE, f"trainer.init_from = {tcfg.init_from!r}: no {identity.RUN_FILE} "
+    record = read_json(home, identity.RUN_FILE, f"trainer.init_from = {tcfg.init_from!r}: no {identity.RUN_FILE} "
                         f"beside checkpoint {ckpt}: cannot tell what trained it")
-    stats = None if tcfg.refit_transforms else _read_json(
+    stats = None if tcfg.refit_transforms else read_json(
         home, STATS_FILE, f"trainer.init_from = {tcfg.init_from!r}: no {STATS_FILE} beside checkpoint {ckpt} (the "
         f"parent's dense transforms); set trainer.refit_transforms = true to fit them on this run's data")
     return Origin("parent", ckpt, list(tcfg.init_parts), stats, record)
 
 
-def resolve_parent(uri: str) -> tuple:
+def resolve_parent(uri: str, what: str = "trainer.init_from =") -> tuple:
     """(checkpoint, the directories that may hold its run.json) of trainer.init_from: one step-N
     checkpoint, a checkpoint directory (its newest), or a run directory (its checkpoints, where
     its run.json says they are, else RUN/checkpoints)."""
@@ -144,16 +144,16 @@ def resolve_parent(uri: str) -> tuple:
     ckpt = CheckpointDir(uri).latest()
     if ckpt is not None:
         return ckpt, [uri, posixpath.dirname(uri)]
-    record = _read_json([uri], identity.RUN_FILE, None) or {}
+    record = read_json([uri], identity.RUN_FILE, None) or {}
     ckpt = CheckpointDir(record.get("checkpoints") or f"{uri}/checkpoints").latest()
     if ckpt is None:
-        raise RunError(f"trainer.init_from = {uri!r}: no checkpoint there (expected a run directory with "
+        raise RunError(f"{what} {uri!r}: no checkpoint there (expected a run directory with "
                        f"checkpoints, a checkpoint directory with a complete step-N checkpoint, or a step-N "
                        f"checkpoint itself)")
     return ckpt, [uri, posixpath.dirname(ckpt), posixpath.dirname(posixpath.dirname(ckpt))]
 
 
-def _read_json(dirs: List[str], name: str, missing: Optional[str]) -> Optional[dict]:
+def read_json(dirs: List[str], name: str, missing: Optional[str]) -> Optional[dict]:
     for d in dirs:
         fs, root = fsspec.core.url_to_fs(d)
         if fs.isfile(f"{root}/{name}"):
@@ -175,11 +175,13 @@ class Start:
 def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: CheckpointDir) -> Start:
     """The start of this run (every rank computes it alike): checks the origin against this
     run, and places the first step in the data."""
-    record = {**ident, "architecture": identity.architecture(cfg), "checkpoints": ckpts.uri}
+    record = {**ident, "architecture": identity.architecture(cfg), "checkpoints": ckpts.uri,
+              "embedding_order": "tables"}
     summary = {"from": origin.kind, "checkpoint": origin.checkpoint, "parts": origin.parts}
     if origin.kind == "fresh":
         return _begin(cfg, 0, Position(), src, record, summary)
     if origin.kind == "parent":
+        check_layout(origin.record, origin.checkpoint)
         _check_parent(cfg, origin, record)
         step = checkpoint.read_progress(origin.checkpoint)[0]
         record["parent"] = {"checkpoint": origin.checkpoint, "step": step, "identity": identity.digest(origin.record),
@@ -187,6 +189,7 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
         summary["parent_step"] = step
         return _begin(cfg, 0, Position(), src, record, summary)
     old = identity.check_resume(out, ident, cfg.trainer.allow_config_change)
+    check_layout(old, origin.checkpoint)
     if old.get("parent"):
         record["parent"] = old["parent"]
     step, saved = checkpoint.read_progress(origin.checkpoint)
@@ -206,6 +209,16 @@ def _begin(cfg, step: int, pos: Position, src: DataSource, record: dict, summary
     timeline = Timeline(src, pos)
     total = cfg.trainer.max_steps or timeline.total(cfg.trainer.epochs)
     return Start(step, total, timeline, record, {**summary, "step": step})
+
+
+def check_layout(record: dict, ckpt: str) -> None:
+    """A checkpoint of a multi-rank run from before the embedding order was fixed (its run.json
+    has no `embedding_order`) fed its dense layers the features in the order of its sharding
+    plan: under this release's fixed order it would mean another function. Refused, not guessed."""
+    if record.get("embedding_order") is None and int(record.get("world_size", 1)) > 1:
+        raise RunError(f"checkpoint {ckpt} was trained on {record['world_size']} ranks by an earlier release, whose "
+                       f"dense layers saw the embeddings in the order of its sharding plan; this release always "
+                       f"uses the tables' order, so it cannot continue, score or export it: train it anew")
 
 
 def _check_parent(cfg, origin: Origin, record: dict) -> None:

@@ -152,7 +152,7 @@ def test_task_without_positives_reports_null(outcomes):
     kind, summary = got["no_positives"]
     assert kind == "ok" and summary["eval"]["conv"]["ne"] is None and summary["eval"]["conv"]["auc"] is None
     assert summary["eval"]["conv"]["positives"] == 0 and summary["eval"]["ctr"]["ne"] < 1.1
-    assert summary["eval"]["cvr"] == {"ne": None, "auc": None, "rows": 0, "positives": 0}
+    assert summary["eval"]["cvr"] == {"ne": None, "auc": None, "calibration": None, "rows": 0, "positives": 0}
 
 
 def test_uneven_small_eval_metrics_equal_numpy(outcomes):

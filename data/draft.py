@@ -2,8 +2,10 @@
 
 Reads every footer (rows) and a sample of row groups (values), then guesses each column's role:
 - lists of ids, strings, binaries, and integer columns named like ids -> sparse features, with
-  num_embeddings = 2 x the estimated distinct count (fewer collisions; see `table_rows`),
-  except columns with one distinct value per row (row identifiers: listed as not used);
+  tables large enough that under 1 % of the estimated distinct values share a row with another
+  (`table_rows`; integer ids within the table map to themselves and never collide), up to
+  MAX_TABLE_ROWS; each line gives the expected share. Columns with one distinct value per row
+  (row identifiers) are listed as not used;
 - columns whose values are all 0 / 1 (or null) -> tasks (a 0/1 *feature* is left for the user
   to move: the draft says so);
 - other numeric columns -> dense, with the transform "auto" will choose from their range.
@@ -11,6 +13,7 @@ The draft is a starting point printed with its evidence, not a verdict: read the
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -26,6 +29,7 @@ from data.transforms import AUTO_RANGE
 ID_NAME = re.compile(r"(^|_)(id|ids|uid|key|hash|code|token|category|cat)(_|$)|_id$|^id_", re.I)
 SAMPLE_ROW_GROUPS = 8
 MAX_TABLE_ROWS = 50_000_000  # a draft never proposes more rows than this per table
+TARGET_COLLISIONS = 0.01  # the share of distinct values a drafted table lets share a row
 
 
 @dataclass
@@ -36,12 +40,37 @@ class Column:
     num_embeddings: int = 0
 
 
-def table_rows(distinct: int, sampled: int, total: int) -> int:
-    """Rows for a table that saw `distinct` ids in `sampled` of `total` rows: the vocabulary is
-    extrapolated linearly when most sampled ids were new (distinct > sampled / 2), else taken as
-    mostly seen; x2 keeps expected hash collisions near 20 % of the ids, not 40 %."""
-    estimate = distinct * total / max(sampled, 1) if distinct > sampled / 2 else 1.25 * distinct
-    return int(min(max(2 * estimate, 16), MAX_TABLE_ROWS))
+def estimate_distinct(distinct: int, sampled: int, total: int) -> int:
+    """The distinct ids of the whole data from `distinct` ids in `sampled` of `total` rows: the
+    vocabulary is extrapolated linearly when most sampled ids were new (distinct > sampled / 2),
+    else taken as mostly seen (x1.25)."""
+    return int(distinct * total / max(sampled, 1) if distinct > sampled / 2 else math.ceil(1.25 * distinct))
+
+
+def colliding_share(distinct: int, rows: int) -> float:
+    """Expected share of `distinct` values hashed into `rows` rows that share their row with
+    another value: 1 - (1 - 1/rows)^(distinct - 1)."""
+    return -math.expm1((distinct - 1) * math.log1p(-1 / rows)) if distinct > 1 and rows > 1 else float(distinct > 1)
+
+
+def table_rows(distinct: int, sampled: int, total: int, max_id: int = -1) -> int:
+    """Rows for a table that saw `distinct` ids in `sampled` of `total` rows: enough that under
+    TARGET_COLLISIONS of the estimated vocabulary share a row. Integer ids all >= 0 (`max_id` >= 0)
+    whose largest is under 10 x that size get 1.25 x (max_id + 1) rows instead: every id seen maps
+    to itself, without collision, with room for new ones (sparser id spaces are hashed). Capped
+    at MAX_TABLE_ROWS."""
+    d = estimate_distinct(distinct, sampled, total)
+    # the smallest n with (1 - 1/n)^(d - 1) >= 1 - TARGET_COLLISIONS (see colliding_share)
+    rows = math.ceil(-1 / math.expm1(math.log1p(-TARGET_COLLISIONS) / (d - 1))) if d > 1 else 16
+    if 0 <= max_id < 10 * rows:  # every id seen fits as it is
+        rows = math.ceil(1.25 * (max_id + 1))
+    return int(min(max(rows, 16), MAX_TABLE_ROWS))
+
+
+def _sparse_note(what: str, distinct: int, sampled: int, total: int, rows: int, max_id: int = -1) -> str:
+    d = estimate_distinct(distinct, sampled, total)
+    share = 0.0 if 0 <= max_id < rows else colliding_share(d, rows)  # (ids in [0, rows) never collide)
+    return f"{what}, {distinct:,} distinct in {sampled:,} sampled ids (about {d:,} in all): {share:.2%} expected to share a row"
 
 
 def _row_identifier(distinct: int, sampled: int, is_list: bool) -> bool:
@@ -62,8 +91,10 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         if _row_identifier(distinct, len(flat), is_list):
             return Column(name, "skip", f"{tp}, {distinct:,} distinct in {len(flat):,} rows: one value per row, an "
                                         f"identifier of the row rather than a feature (add it if its ids repeat)")
-        n = table_rows(distinct, len(flat), total * max(len(flat), 1) // max(len(col), 1))
-        return Column(name, "sparse", f"{tp}, {distinct:,} distinct in {len(flat):,} sampled ids", n)
+        ids_total = total * max(len(flat), 1) // max(len(col), 1)
+        max_id = _max_id(flat) if pa.types.is_integer(vt) else -1
+        n = table_rows(distinct, len(flat), ids_total, max_id)
+        return Column(name, "sparse", _sparse_note(str(tp), distinct, len(flat), ids_total, n, max_id), n)
     if not (pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)):
         return Column(name, "skip", f"{tp}: not used (no role for this type)")
     values = col.drop_null().cast(pa.float64()).to_numpy()
@@ -79,10 +110,17 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         if _row_identifier(distinct, len(col), False):
             return Column(name, "skip", f"{tp}, {distinct:,} distinct in {len(col):,} rows: one value per row, an "
                                         f"identifier of the row rather than a feature (add it if its ids repeat)")
-        return Column(name, "sparse", f"{tp} named like an id, {distinct:,} distinct in {len(col):,} rows",
-                      table_rows(distinct, len(col), total))
+        max_id = _max_id(col)
+        n = table_rows(distinct, len(col), total, max_id)
+        return Column(name, "sparse", _sparse_note(f"{tp} named like an id", distinct, len(col), total, n, max_id), n)
     auto = "as is" if max(abs(lo), abs(hi)) <= AUTO_RANGE else "log1p + standardize"
     return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {col.null_count / len(col):.0%} null: auto = {auto}")
+
+
+def _max_id(ids) -> int:
+    """The largest of integer ids that are all >= 0, else -1 (negative ids are hashed)."""
+    lo, hi = pc.min_max(ids.cast(pa.int64()) if pa.types.is_dictionary(ids.type) else ids).values()
+    return int(hi.as_py()) if lo.as_py() is not None and lo.as_py() >= 0 else -1
 
 
 def draft(patterns: Sequence[str]) -> str:
@@ -104,6 +142,7 @@ def _format(patterns: Sequence[str], nfiles: int, total: int, sampled: int, cols
     out = [f"# drafted by `mbrec schema` from {nfiles} file(s), {total:,} rows ({sampled:,} sampled): check the roles",
            "[data]", f"train = [{quoted}]", f"eval = [{quoted}]  # replace by a held-out split",
            'dense_transform = "auto"  # as is within [-10, 10], else log1p + standardize (data/transforms.py)',
+           "shuffle = true  # training reads its row groups in a new order every epoch (the default is false)",
            "dense = ["]
     out += [f'  "{c.name}",  # {c.note}' for c in by["dense"]]
     out += ["]", "sparse = ["]

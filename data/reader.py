@@ -458,35 +458,46 @@ def sample_table(footers: Footers, cfg: DataConfig, columns: Sequence[str]) -> O
     return pa.concat_tables(tables) if tables else None
 
 
+COLLISION_WARNING = 0.05  # id health warns when more of a feature's sampled ids share a row
+
+
 def id_health(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = None) -> Dict[str, Dict[str, float]]:
     """Per sparse feature, from the sampled training row groups: distinct ids seen, the table's
-    rows, the share of integer ids outside [0, n) (remapped), and the share of the ids expected
-    to share a row with another (hashing D distinct ids into n rows occupies n (1 - exp(-D/n))
-    rows). Integer ids all in [0, n) map to themselves and never collide. For string ids D is
-    a lower bound of the split's distinct ids, so the share is one too; for partly remapped
-    integer ids it is an estimate (in-range ids are counted as hashed). Warns when a table looks
-    too small (over 20 % of ids colliding)."""
+    rows, the share of integer ids outside [0, n) (remapped), and the share of the distinct
+    sampled ids that share their table row with another sampled id (each distinct id mapped as
+    the reader maps it, then counted: a measurement on the sample, a lower bound for the whole
+    split). Integer ids in [0, n) map to themselves and never collide. Warns when over
+    COLLISION_WARNING of a feature's ids collide."""
     if sample is None:
         sample = sample_table(footers, cfg, sorted({f.column for f in cfg.sparse}))
     out: Dict[str, Dict[str, float]] = {}
     for f in cfg.sparse if sample is not None else []:
         ids = sample.column(f.column)
         flat = pc.list_flatten(ids) if pa.types.is_list(ids.type) or pa.types.is_large_list(ids.type) else ids
-        distinct = pc.count_distinct(flat).as_py() if len(flat) else 0
+        flat = flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat
+        if pa.types.is_dictionary(flat.type):
+            flat = flat.dictionary_decode()
+        flat = flat.drop_null()
         n = f.num_embeddings
-        integer = pa.types.is_integer(id_value_type(flat.type))
-        if integer and pa.types.is_dictionary(flat.type):
-            flat = flat.cast(id_value_type(flat.type))
-        outside = pc.sum(pc.or_(pc.less(flat, 0), pc.greater_equal(flat, n))).as_py() or 0 if integer and len(flat) else 0
-        # ids outside [0, n) are hashed into it, string ids all are: those can collide
-        share = 0.0 if (integer and outside == 0) or distinct == 0 else 1 - n * -math.expm1(-distinct / n) / distinct
-        out[f.name] = {"sampled_distinct_ids": distinct, "table_rows": n, "collision_share": round(share, 4),
+        integer = pa.types.is_integer(flat.type)
+        values = pc.unique(flat)  # the distinct sampled ids
+        if integer:
+            v = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            outside = (v < 0) | (v >= n)
+            rows = np.where(outside, hash_ids(v, n), v)
+            remapped = pc.sum(pc.or_(pc.less(flat, 0), pc.greater_equal(flat, n))).as_py() or 0
+        else:
+            rows = hash_strings(values, n) if len(values) else np.zeros(0, np.int64)
+            remapped = 0
+        _, counts = np.unique(rows, return_counts=True)
+        share = float(counts[counts > 1].sum() / len(rows)) if len(rows) else 0.0
+        out[f.name] = {"sampled_distinct_ids": len(values), "table_rows": n, "collision_share": round(share, 4),
                        "ids": "integer" if integer else "string (hashed)",
-                       "remapped_share": round(outside / len(flat), 4) if integer and len(flat) else 0.0}
-        if share > 0.2:
-            log.warning("sparse feature %r: %d distinct ids in a sample of the training data for a table of %d "
-                        "rows: at least %.0f%% of them share a row with another id; consider num_embeddings >= %d",
-                        f.name, distinct, n, 100 * share, 2 * distinct)
+                       "remapped_share": round(remapped / len(flat), 4) if integer and len(flat) else 0.0}
+        if share > COLLISION_WARNING:
+            log.warning("sparse feature %r: %.1f%% of its %d distinct sampled ids share a table row with another "
+                        "(table of %d rows); consider num_embeddings >= %d (under 1%% expected to collide)",
+                        f.name, 100 * share, len(values), n, 100 * len(values))
     return out
 
 

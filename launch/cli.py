@@ -232,9 +232,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    """Prints a [data] section drafted from the files (local paths, URIs, directories, globs)."""
+    """Prints a whole config drafted from the files (local paths, URIs, directories, globs): the
+    [data] section from the data, the others from the defaults, with an out_dir of its own."""
     from data.draft import draft
+    from launch.config import drafted_sections
+    name = Path(args.paths[0].rstrip("/").split("?")[0]).name.split("*")[0].rstrip(".-_") or "drafted"
     print(draft(args.paths), end="")
+    print(drafted_sections(Path(name).stem or "drafted"), end="")
     return 0
 
 

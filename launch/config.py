@@ -103,6 +103,8 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config of a TOML file and overrides; a file that names no `trainer.out_dir` gets
+    `runs/<its name>` (never another config's directory)."""
     raw: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -113,27 +115,32 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
                 raw = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return from_dict(RunConfig, apply_overrides(raw, overrides))
+    raw = apply_overrides(raw, overrides)
+    if path is not None and not raw.get("trainer", {}).get("out_dir"):
+        raw.setdefault("trainer", {})["out_dir"] = f"runs/{Path(path).stem}"
+    return from_dict(RunConfig, raw)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def fmt(v: Any) -> str:
+    """A value in TOML syntax."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def dump_toml(cfg: RunConfig) -> str:
     """Serialises a RunConfig back to TOML (used to pass a resolved config to launched ranks)."""
     lines: List[str] = []
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
-        return repr(v)
 
     for section, values in to_dict(cfg).items():
         lines.append(f"[{section}]")
@@ -143,3 +150,32 @@ def dump_toml(cfg: RunConfig) -> str:
             lines.append(f"{k} = {fmt(v)}")
         lines.append("")
     return "\n".join(lines)
+
+
+DRAFT_NOTES = {
+    "model.embedding_dim": "every table's dim unless it sets its own",
+    "model.shared_arch": "the shared MLP; its last size is the representation MultiBalance balances",
+    "balancer.method": "equal, multibalance, ... (README: Balancers); compare them with `mbrec compare`",
+    "optim.sparse": "the fused embedding optimizer (row-wise Adagrad: one state value per row)",
+    "trainer.out_dir": "this run's own directory: checkpoints, metrics, summary.json",
+    "trainer.epochs": "passes over data.train",
+    "trainer.eval_every": "steps between evaluations (0: at the end only)",
+    "trainer.checkpoint_every": "steps between checkpoints (0: one at the end); a restart resumes from the newest",
+}
+
+
+def drafted_sections(name: str) -> str:
+    """[model], [balancer], [optim] and [trainer] of a drafted config: the defaults, written out
+    with what each is, and an out_dir of the run's own."""
+    cfg = RunConfig()
+    cfg.trainer.out_dir = f"runs/{name}"
+    keep = {"model": None, "balancer": ["method"], "optim": None,
+            "trainer": ["out_dir", "epochs", "eval_every", "checkpoint_every", "log_every", "seed"]}
+    lines: List[str] = []
+    for section, keys in keep.items():
+        lines.append(f"\n[{section}]")
+        for k, v in to_dict(getattr(cfg, section)).items():
+            if (keys is None or k in keys) and v is not None:
+                note = DRAFT_NOTES.get(f"{section}.{k}")
+                lines.append(f"{k} = {fmt(v)}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"

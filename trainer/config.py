@@ -31,7 +31,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    out_dir: str = "runs/demo"
+    out_dir: str = ""  # the run's directory; a config file without one gets runs/<its name>
     epochs: int = 1
     max_steps: int = 0  # > 0: stop after this many steps (overrides epochs)
     eval_every: int = 0  # steps between evaluations; 0: only at the end

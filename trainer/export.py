@@ -101,6 +101,7 @@ def export(source: str, out: str, dtype: str = "int8") -> Dict:
     record = start.read_json(home, identity.RUN_FILE, f"export {source!r}: no {identity.RUN_FILE} beside {ckpt}")
     stats = start.read_json(home, start.STATS_FILE, f"export {source!r}: no {start.STATS_FILE} beside {ckpt}")
     start.check_layout(record, ckpt)
+    start.check_stats(record, stats, ckpt)
     sections = config_of(record)
     dcfg, mcfg = from_dict(DataConfig, sections["data"]), from_dict(ModelConfig, sections["model"])
     model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("cpu"),

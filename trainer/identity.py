@@ -25,7 +25,7 @@ from trainer.errors import RunError
 RUN_FILE = "run.json"
 DATA_KEYS = ("data.train", "train_units")
 SPLIT_KEYS = ("data.batch_size", "data.num_workers", "world_size")
-RECORDS = ("parent", "architecture", "checkpoints", "embedding_order")  # written beside the identity, never compared on resume
+RECORDS = ("parent", "architecture", "checkpoints", "embedding_order", "dense_stats")  # written beside the identity, never compared on resume
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
@@ -96,6 +96,11 @@ def digest(record: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stats_digest(stats: Dict[str, Any]) -> str:
+    """The digest of a run's fitted dense transforms (dense_stats.json), kept in its run.json."""
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Readers (other ranks, a restarted job) see the old file or the new one, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -123,8 +128,8 @@ def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> Di
     if not path.is_file():
         raise RunError(f"{out_dir} has checkpoints but no {RUN_FILE}: cannot tell what they were trained "
                        f"with; use a new trainer.out_dir (or trainer.resume = false after moving them away)")
-    old = json.loads(path.read_text())
-    changed = changed_keys({**ADDED, **old}, ident)
+    old = {**{k: v for k, v in ADDED.items() if k in ident}, **json.loads(path.read_text())}
+    changed = changed_keys(old, ident)
     detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in changed)
     data = [k for k in changed if k in DATA_KEYS]
     if data:

@@ -26,7 +26,7 @@ from data.transforms import FittedTransforms
 from trainer import checkpoint, identity, start
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.checkpoint import CheckpointDir
-from trainer.errors import AlreadyFinished
+from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
 from trainer.preflight import agreed, check_data, check_disk, check_group_column, check_writable, on_main
@@ -110,6 +110,8 @@ class Run:
 
 
 def train(cfg) -> Dict:
+    if not cfg.trainer.out_dir:
+        raise RunError("trainer.out_dir is not set: name this run's own directory")
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     try:

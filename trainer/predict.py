@@ -84,6 +84,7 @@ def _trained(cfg, source: str) -> Tuple[str, dict, dict]:
     stats = start.read_json(home, start.STATS_FILE, f"--from {source!r}: no {start.STATS_FILE} beside checkpoint "
                             f"{ckpt}: the dense transforms it was trained with are unknown")
     start.check_layout(record, ckpt)
+    start.check_stats(record, stats, ckpt)
     if "architecture" in record:
         changes = identity.architecture_changes(record["architecture"], identity.architecture(cfg))
         if changes:

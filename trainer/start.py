@@ -176,12 +176,14 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
     """The start of this run (every rank computes it alike): checks the origin against this
     run, and places the first step in the data."""
     record = {**ident, "architecture": identity.architecture(cfg), "checkpoints": ckpts.uri,
-              "embedding_order": "tables"}
+              "embedding_order": "tables", "dense_stats": identity.stats_digest(src.transforms.to_dict())}
     summary = {"from": origin.kind, "checkpoint": origin.checkpoint, "parts": origin.parts}
     if origin.kind == "fresh":
         return _begin(cfg, 0, Position(), src, record, summary)
     if origin.kind == "parent":
         check_layout(origin.record, origin.checkpoint)
+        if origin.transforms is not None:
+            check_stats(origin.record, origin.transforms, origin.checkpoint)
         _check_parent(cfg, origin, record)
         step = checkpoint.read_progress(origin.checkpoint)[0]
         record["parent"] = {"checkpoint": origin.checkpoint, "step": step, "identity": identity.digest(origin.record),
@@ -190,6 +192,8 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
         return _begin(cfg, 0, Position(), src, record, summary)
     old = identity.check_resume(out, ident, cfg.trainer.allow_config_change)
     check_layout(old, origin.checkpoint)
+    if origin.transforms is not None:
+        check_stats(old, origin.transforms, origin.checkpoint)
     if old.get("parent"):
         record["parent"] = old["parent"]
     step, saved = checkpoint.read_progress(origin.checkpoint)
@@ -219,6 +223,16 @@ def check_layout(record: dict, ckpt: str) -> None:
         raise RunError(f"checkpoint {ckpt} was trained on {record['world_size']} ranks by an earlier release, whose "
                        f"dense layers saw the embeddings in the order of its sharding plan; this release always "
                        f"uses the tables' order, so it cannot continue, score or export it: train it anew")
+
+
+def check_stats(record: dict, stats: dict, ckpt: str) -> None:
+    """The dense transforms about to be reused are the ones the checkpoint's run was trained with
+    (its run.json keeps their digest; a dense_stats.json edited or replaced since is refused)."""
+    want = record.get("dense_stats")
+    if want is not None and identity.stats_digest(stats) != want:
+        raise RunError(f"{STATS_FILE} beside checkpoint {ckpt} is not the one its run was trained with (digest "
+                       f"{identity.stats_digest(stats)}, run.json says {want}): restore it, or set "
+                       f"trainer.refit_transforms = true for a warm start on refitted transforms")
 
 
 def _check_parent(cfg, origin: Origin, record: dict) -> None:

@@ -5,6 +5,7 @@ import sys
 import tomllib
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,10 +29,18 @@ def raw_logs(path, n=3000, seed=0):
     }), path, row_group_size=1000)
 
 
-def test_table_rows_estimates():
-    assert table_rows(100, 10_000, 10**6) == 250  # a vocabulary mostly seen: x1.25, x2
-    assert table_rows(9_000, 10_000, 10**6) == 1_800_000  # mostly new ids: extrapolated
+def test_table_rows_keep_collisions_under_one_percent():
+    from data.draft import colliding_share, estimate_distinct
+    assert estimate_distinct(100, 10_000, 10**6) == 125  # a vocabulary mostly seen: x1.25
+    assert estimate_distinct(9_000, 10_000, 10**6) == 900_000  # mostly new ids: extrapolated
+    for distinct, sampled, total in ((100, 10_000, 10**6), (386, 5_000, 50_000), (9_000, 10_000, 100_000)):
+        rows = table_rows(distinct, sampled, total)
+        assert colliding_share(estimate_distinct(distinct, sampled, total), rows) <= 0.01 < colliding_share(
+            estimate_distinct(distinct, sampled, total), rows // 2)
+    assert colliding_share(386, 2 * 386) == pytest.approx(0.39, abs=0.01)  # the old 2 x D: the birthday bound
     assert table_rows(10**7, 10**7, 10**12) == 50_000_000  # capped
+    assert table_rows(40, 10_000, 10**6, max_id=30_000) == 37_502  # integer ids up to 30,000 map to themselves
+    assert table_rows(40, 10_000, 10**6, max_id=10**9) == table_rows(40, 10_000, 10**6)  # sparse ids: hashed
 
 
 def test_schema_drafts_a_config_that_trains(tmp_path):
@@ -40,16 +49,20 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
     out = subprocess.run([sys.executable, "-m", "launch.cli", "schema", str(tmp_path / "logs")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    data = tomllib.loads(out.stdout)["data"]
+    drafted = tomllib.loads(out.stdout)
+    data = drafted["data"]
+    # a whole config: its own out_dir (never the demo's), shuffling on, the other sections written out
+    assert drafted["trainer"]["out_dir"] == "runs/logs" and data["shuffle"] is True
+    assert {"model", "balancer", "optim", "trainer"} <= set(drafted)
     assert data["dense"] == ["price", "year", "score"]
     assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist"]
     assert [t["name"] for t in data["tasks"]] == ["click", "like"]
     assert "# not used: note" in out.stdout and "auto = log1p + standardize" in out.stdout
     assert "# not used: event_id (int64, 3,000 distinct in 3,000 rows: one value per row" in out.stdout
     cfg = tmp_path / "drafted.toml"
-    cfg.write_text(out.stdout + f'[trainer]\nout_dir = "{tmp_path / "run"}"\nmax_steps = 6\nlog_every = 3\n'
-                   'progress_bar = false\n')
-    run = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "--set", "data.batch_size=256"],
-                         capture_output=True, text=True, timeout=300)
+    cfg.write_text(out.stdout)
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), "--set", "data.batch_size=256",
+                          "--set", f"trainer.out_dir={tmp_path / 'run'}", "--set", "trainer.max_steps=6",
+                          "--set", "trainer.progress_bar=false"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").is_file()

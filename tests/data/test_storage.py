@@ -125,6 +125,31 @@ def test_warm_start_from_a_checkpoint_directory_on_s3(s3, tiny_config, tmp_path)
     assert run["parent"]["checkpoint"] == summary["start"]["checkpoint"] and run["parent"]["transforms"] == "parent"
 
 
+def _score_on_s3(raw: dict, root: str):
+    """Trains 3 steps (eval predictions kept), then scores the eval split read from s3:// into s3://."""
+    from launch.config import RunConfig, from_dict
+    from trainer.predict import predict
+    run = copy.deepcopy(raw)
+    run["trainer"].update(out_dir=f"{root}/run", max_steps=3, save_predictions=True)
+    _train(run)
+    return predict(from_dict(RunConfig, run), f"{root}/run", ["s3://logs/tiny/eval"], "s3://logs/scores/day1",
+                   ["user_id"])
+
+
+def test_predict_reads_and_writes_object_storage(s3, tiny_config, tmp_path):
+    import numpy as np
+    import pyarrow.fs as pafs
+    from tests.dist_utils import run_ranks
+    summary = run_ranks(_score_on_s3, (tiny_config, str(tmp_path)), world=1)[0]
+    assert summary["rows"] == 6000 and summary["files"] == ["s3://logs/tiny/eval/part-00000.parquet"]
+    fs = pafs.S3FileSystem(endpoint_override=s3[0])
+    part = pq.read_table("logs/scores/day1/part-00000.parquet", filesystem=fs)
+    want = np.load(tmp_path / "run" / "eval_predictions.rank0.npy")[:6000, :3]
+    got = np.stack([part.column(f"pred_{t}").to_numpy() for t in ("ctr", "cvr", "conv")], 1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert fs.get_file_info("logs/scores/day1/_summary.json").type == pafs.FileType.File
+
+
 def test_unwritable_remote_checkpoint_dir_is_named(s3):
     from trainer.checkpoint import CheckpointDir
     from trainer.errors import CheckpointError

@@ -121,6 +121,26 @@ def test_id_health_flags_a_table_too_small(raw, caplog):
     assert health["u"]["sampled_distinct_ids"] == 3000 and health["u"]["collision_share"] > 0.85
     assert health["v"]["collision_share"] == 0.0  # ids within the table map to themselves
     assert health["v"]["remapped_share"] == 0.0 and health["u"]["ids"] == "string (hashed)"
-    assert "sparse feature 'u': 3000 distinct ids" in caplog.text and "'v'" not in caplog.text
+    assert "sparse feature 'u': " in caplog.text and "of its 3000 distinct sampled ids share" in caplog.text
+    assert "'v'" not in caplog.text
     cfg.sparse[1].num_embeddings = 40  # ids 40..49 now fall outside: 10 of 50 values, 20 % of rows
-    assert id_health(read_footers(cfg.train, cfg), cfg)["v"]["remapped_share"] == 0.2
+    health = id_health(read_footers(cfg.train, cfg), cfg)
+    assert health["v"]["remapped_share"] == 0.2
+    assert health["v"]["collision_share"] >= 0.2  # each remapped id lands on a row an in-range id holds
+
+
+def test_id_health_measures_what_an_estimate_missed(tmp_path, caplog):
+    """386 string values in 2 x 386 rows: about 39 % of them share a row (the birthday bound), far
+    more than the 20 % an occupancy estimate gave; the measured share is what is reported."""
+    from data.footers import read_footers
+    from data.hashing import hash_strings
+    from data.reader import id_health
+    values = [f"category {i}" for i in range(386)]
+    pq.write_table(pa.table({"c": pa.array(values * 4), "y": pa.array([0, 1] * 772, pa.int8())}), tmp_path / "c.parquet")
+    cfg = DataConfig(train=[str(tmp_path / "c.parquet")], sparse=[SparseFeature("c", 772)], tasks=[Task("y")])
+    rows = hash_strings(pa.array(values), 772)
+    _, counts = np.unique(rows, return_counts=True)
+    with caplog.at_level(logging.WARNING):
+        health = id_health(read_footers(cfg.train, cfg), cfg)
+    assert health["c"]["collision_share"] == round(counts[counts > 1].sum() / 386, 4) > 0.3
+    assert "sparse feature 'c'" in caplog.text

@@ -92,6 +92,10 @@ def test_resume_identity(tmp_path):
     assert old == _ident()
     identity.save(tmp_path, {**_ident(), "parent": {"step": 3}, "architecture": {}})  # records, never compared
     identity.check_resume(tmp_path, _ident(), allow_change=False)
+    # a run.json written before keys were added resumes under their defaults, not under others
+    identity.check_resume(tmp_path, _ident(**identity.ADDED), allow_change=False)
+    with pytest.raises(RunError, match="trainer.init_from: '' -> 'runs/a'"):
+        identity.check_resume(tmp_path, _ident(**{**identity.ADDED, "trainer.init_from": "runs/a"}), allow_change=False)
 
 
 def test_checkpoints_without_identity_are_refused(tmp_path):

@@ -88,7 +88,8 @@ def _one_rank(raw, root, day2):
     for name, change in (("dim", "model.embedding_dim=4"), ("rows", "data.sparse[0].num_embeddings=4000"),
                          ("tasks", "data.tasks=[{name='ctr'}, {name='cvr'}]"), ("optim", "optim.dense=sgd"),
                          ("bad_parent", "trainer.init_from=/nonexistent/run"),
-                         ("nonfinite", f"trainer.init_from={root}/corrupt/step-{PARENT_STEPS:09d}")):
+                         ("nonfinite", f"trainer.init_from={root}/corrupt/step-{PARENT_STEPS:09d}"),
+                         ("edited_stats", f"trainer.init_from={root}/edited")):
         overrides = [f"trainer.out_dir={root}/refused_{name}", f"trainer.init_from={root}/parent", *new,
                      "trainer.max_steps=2", change]
         if name == "rows":  # (a list element: set through the dict)
@@ -130,6 +131,12 @@ def scenarios(tiny_synth, tmp_path_factory):
     torch_save_to_dcp(root / "corrupt.pt", f"{root}/corrupt/step-{PARENT_STEPS:09d}")
     for name in ("run.json", "dense_stats.json"):
         shutil.copy(root / "parent" / name, root / "corrupt" / name)
+    # a copy of the parent whose dense_stats.json was edited after training
+    shutil.copytree(last, root / "edited" / f"step-{PARENT_STEPS:09d}")
+    shutil.copy(root / "parent" / "run.json", root / "edited" / "run.json")
+    stats = json.loads((root / "parent" / "dense_stats.json").read_text())
+    stats["mean"][0] += 1.0
+    (root / "edited" / "dense_stats.json").write_text(json.dumps(stats))
     one = run_ranks(_one_rank, (raw, str(root), data_section(day2)), world=1)[0]
     two = run_ranks(_two_ranks, (raw, str(root), data_section(day2)))[0]
     return root, raw, None, stopped, one, two
@@ -223,6 +230,8 @@ def test_warm_start_records_its_parent_and_trains_from_step_0(scenarios):
     ("bad_parent", r"trainer.init_from = '/nonexistent/run': no checkpoint there"),
     ("nonfinite", r"holds non-finite values: optim.state.model.ebc.embedding_bags.t_user_id.weight.t_user_id"
                   r".momentum1 \(1 non-finite value"),
+    ("edited_stats", r"dense_stats.json beside checkpoint .*edited/step-000000012 is not the one its run was trained "
+                     r"with"),
 ])
 def test_what_does_not_fit_is_refused_and_named(scenarios, name, match):
     kind, msg = scenarios[4][name]

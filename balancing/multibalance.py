@@ -346,7 +346,7 @@ class MultiBalance(GradientBalancer):
             return
         reversal, step = self._warn[0] / n, self._warn[1] / n
         self._warn = [0.0, 0.0, 0]
-        if reversal > OSCILLATION_WARN and step > JUMP and self._warn_quiet <= 0:
+        if reversal > OSCILLATION_WARN and step > JUMP and self._warn_quiet <= 0 and _is_first_rank():
             log.warning("MultiBalance: the task weights reversed direction on %.0f%% of the last %d updates, by "
                         "%.3f on average (beta = %g is above the stability limit of these task gradients); "
                         "consider balancer.multibalance.step = 'capped' or a smaller beta",
@@ -356,3 +356,9 @@ class MultiBalance(GradientBalancer):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._host = None  # the loaded buffers are the state now
+
+
+def _is_first_rank() -> bool:
+    """The weights are identical on every rank: one warning per job, from rank 0."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0

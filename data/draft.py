@@ -13,6 +13,7 @@ The draft is a starting point printed with its evidence, not a verdict: read the
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from data.footers import id_value_type, is_string_like, spread
 from data.storage import open_parquet, resolve_files
 from data.transforms import AUTO_RANGE
 
+TIME_NAME = re.compile(r"(^|_)(time|timestamp|ts|date|datetime|dt|day|epoch)(_|$)|_at$|_time$|_ts$", re.I)
+EPOCH_RANGES = ((1e9, 2.2e9, "epoch seconds"), (1e12, 2.2e12, "epoch milliseconds"), (19000101, 21001231, "dates"))
+CODE_DISTINCT = 64  # an integer column with at most this many distinct values in [0, 1000) is a code
 ID_NAME = re.compile(r"(^|_)(id|ids|uid|key|hash|code|token|category|cat)(_|$)|_id$|^id_", re.I)
 SAMPLE_ROW_GROUPS = 8
 MAX_TABLE_ROWS = 50_000_000  # a draft never proposes more rows than this per table
@@ -95,6 +99,9 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         max_id = _max_id(flat) if pa.types.is_integer(vt) else -1
         n = table_rows(distinct, len(flat), ids_total, max_id)
         return Column(name, "sparse", _sparse_note(str(tp), distinct, len(flat), ids_total, n, max_id), n)
+    if pa.types.is_timestamp(tp) or pa.types.is_date(tp):
+        return Column(name, "skip", f"{tp}: a time column; under a time split every eval value lies beyond the "
+                                    f"training range: not used (derive hour / weekday features from it)")
     if not (pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)):
         return Column(name, "skip", f"{tp}: not used (no role for this type)")
     values = col.drop_null().cast(pa.float64()).to_numpy()
@@ -102,6 +109,11 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
     if len(values) == 0:
         return Column(name, "skip", "no values in the sample")
     lo, hi = float(values.min()), float(values.max())
+    when = _time_like(name, tp, lo, hi)
+    if when:
+        return Column(name, "skip", f"{tp} in [{lo:g}, {hi:g}]: looks like a time column ({when}); under a time split "
+                                    f"every eval value lies beyond the training range: not used (derive hour / weekday "
+                                    f"features from it, or add it as dense on purpose)")
     if np.isin(values, (0.0, 1.0)).all():
         return Column(name, "task", f"0/1, {values.mean():.3%} positive, {col.null_count / len(col):.0%} null "
                                     f"(a 0/1 feature? move it to dense)")
@@ -113,8 +125,23 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         max_id = _max_id(col)
         n = table_rows(distinct, len(col), total, max_id)
         return Column(name, "sparse", _sparse_note(f"{tp} named like an id", distinct, len(col), total, n, max_id), n)
+    if pa.types.is_integer(tp):
+        distinct = pc.count_distinct(col).as_py()
+        if distinct <= CODE_DISTINCT and lo >= 0 and hi < 1000:
+            n = table_rows(distinct, len(col), total, int(hi))
+            return Column(name, "sparse", _sparse_note(f"{tp} with {distinct} distinct values in [{lo:g}, {hi:g}]: a code, "
+                                                       f"not a quantity (move it to dense if its order matters)",
+                                                       distinct, len(col), total, n, int(hi)), n)
     auto = "as is" if max(abs(lo), abs(hi)) <= AUTO_RANGE else "log1p + standardize"
     return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {col.null_count / len(col):.0%} null: auto = {auto}")
+
+
+def _time_like(name: str, tp: pa.DataType, lo: float, hi: float) -> str:
+    """Why a numeric column looks like a time (its name, or a range of epoch times or dates), or ""."""
+    for a, b, what in EPOCH_RANGES:
+        if a <= lo <= hi <= b:
+            return f"a range of {what}" + (", and its name" if TIME_NAME.search(name) else "")
+    return "its name" if TIME_NAME.search(name) and hi - lo > 1000 else ""
 
 
 def _max_id(ids) -> int:
@@ -136,19 +163,24 @@ def draft(patterns: Sequence[str]) -> str:
     return _format(patterns, len(files), total, sample.num_rows, cols)
 
 
+def _q(text: str) -> str:
+    """A TOML basic string (JSON's escaping is TOML's for these): any column name or path."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _format(patterns: Sequence[str], nfiles: int, total: int, sampled: int, cols: List[Column]) -> str:
     by = {r: [c for c in cols if c.role == r] for r in ("sparse", "dense", "task", "skip")}
-    quoted = ", ".join(f'"{p}"' for p in patterns)
+    quoted = ", ".join(_q(p) for p in patterns)
     out = [f"# drafted by `mbrec schema` from {nfiles} file(s), {total:,} rows ({sampled:,} sampled): check the roles",
            "[data]", f"train = [{quoted}]", f"eval = [{quoted}]  # replace by a held-out split",
            'dense_transform = "auto"  # as is within [-10, 10], else log1p + standardize (data/transforms.py)',
            "shuffle = true  # training reads its row groups in a new order every epoch (the default is false)",
            "dense = ["]
-    out += [f'  "{c.name}",  # {c.note}' for c in by["dense"]]
+    out += [f'  {_q(c.name)},  # {c.note}' for c in by["dense"]]
     out += ["]", "sparse = ["]
-    out += [f'  {{ name = "{c.name}", num_embeddings = {c.num_embeddings:_} }},  # {c.note}' for c in by["sparse"]]
+    out += [f'  {{ name = {_q(c.name)}, num_embeddings = {c.num_embeddings:_} }},  # {c.note}' for c in by["sparse"]]
     out += ["]", "tasks = ["]
-    out += [f'  {{ name = "{c.name}" }},  # {c.note}' for c in by["task"]]
+    out += [f'  {{ name = {_q(c.name)} }},  # {c.note}' for c in by["task"]]
     out += ["]"]
-    out += [f"# not used: {c.name} ({c.note})" for c in by["skip"]]
+    out += [f"# not used: {c.name} ({c.note})".replace("\n", " ") for c in by["skip"]]
     return "\n".join(out) + "\n"

@@ -206,7 +206,8 @@ class ChunkDecoder:
         for m, t in enumerate(tasks):
             if t.weight and t.name not in self.cfg.unlabelled:
                 w = _as_float_matrix(table, [t.weight])[:, 0]
-                wrong = ~np.isnan(w) & ~((w >= 0) & np.isfinite(w))
+                null = table.column(t.weight).is_null().to_numpy(zero_copy_only=False)  # [R]: a null is 0
+                wrong = ~null & ~((w >= 0) & np.isfinite(w))  # NaN, inf or negative: an error
                 if wrong.any():
                     row = int(np.argmax(wrong))
                     raise DataError(f"{path}: weight column {t.weight!r} (task {t.name!r}) has value {float(w[row]):g} "

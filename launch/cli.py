@@ -160,6 +160,14 @@ def _has_section(config: str, name: str) -> bool:
         return name in tomllib.load(f)
 
 
+def _beta_steps(text: str) -> str:
+    """--beta-steps: "paper", "capped" or both, comma-separated ("paper+capped" also reads as both)."""
+    steps = text.replace("+", ",").split(",")
+    if not steps or any(s not in ("paper", "capped") for s in steps) or len(set(steps)) != len(steps):
+        raise argparse.ArgumentTypeError(f"expected paper, capped or paper,capped; got {text!r}")
+    return ",".join(steps)
+
+
 def cmd_compare_worker(args) -> int:
     from launch.compare import run_plan
     return run_plan(args.config, args.plan)
@@ -322,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", default="", help="comma-separated (default: all)")
     sp.add_argument("--seeds", type=int, default=3, help="paired seeds: each seed, every method")
     sp.add_argument("--betas", default="", help="extra MultiBalance variants at these betas, e.g. 0.5,2,5")
-    sp.add_argument("--beta-steps", default="paper", choices=["paper", "capped", "paper,capped", "capped,paper"],
+    sp.add_argument("--beta-steps", default="paper", type=_beta_steps, metavar="{paper,capped,paper+capped}",
                     help="the beta variants' step rule: the paper's update, the capped (stable) one, or both")
     sp.add_argument("--steps", type=int, default=0, help="training steps per run (0: the config's epochs)")
     sp.add_argument("--no-single-task", action="store_true", help="skip the single-task models")

@@ -186,6 +186,12 @@ def gains_by_seed(runs: Dict[str, List[dict]], name: str, tasks: List[str]) -> D
     return out
 
 
+def _qps_drop(runs: Dict[str, List[dict]], name: str) -> List[float]:
+    """Per seed, 100 (1 - QPS(method) / QPS(equal)) against the equal-weights run of that seed."""
+    base = {r["seed"]: r["train_rows_per_s"] for r in runs["equal"]}
+    return [100 * (1 - r["train_rows_per_s"] / base[r["seed"]]) for r in runs[name] if r["seed"] in base]
+
+
 def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, str]:
     import numpy as np
     from launch.report import markdown_table
@@ -194,7 +200,6 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
     cols = tasks + ["average"]
     best = {c: max(gains, key=lambda n: np.mean(gains[n][c]) if gains[n][c] else -1e9) for c in cols} if gains else {}
     qps = {n: [r["train_rows_per_s"] for r in runs[n]] for n in joint}
-    base_qps = float(np.mean(qps["equal"]))
     noise = {c: float(np.std(gains["multibalance"][c], ddof=1)) if "multibalance" in gains and len(gains["multibalance"][c]) > 1 else float("nan") for c in cols}
 
     def gain_cell(n, c):
@@ -206,8 +211,9 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
     same = {n for n in gains if all(g == 0.0 for c in cols for g in gains[n][c])
             and all(max(r["final_weights"]) - min(r["final_weights"]) < 1e-6 for r in runs[n])}
 
-    t3 = markdown_table(["method"] + [f"NE gain {c} %" for c in cols] + ["seeds"],
-                        [["equal (NE)"] + [_ms([r["eval"][t]["ne"] for r in runs["equal"]], "{:.5f}") for t in tasks]
+    t3 = markdown_table(["method"] + [f"NE gain {c} % (mean ± 95 % interval; equal: NE, mean ± seed std)"
+                                      if c == cols[0] else f"NE gain {c} %" for c in cols] + ["seeds"],
+                        [["equal (NE, mean ± seed std)"] + [_ms([r["eval"][t]["ne"] for r in runs["equal"]], "{:.5f}") for t in tasks]
                          + [_ms([float(np.mean([r["eval"][t]["ne"] for t in tasks])) for r in runs["equal"]], "{:.5f}"),
                             str(len(runs["equal"]))]]
                         + [[n + (" (weights never left uniform: the equal-weights model)" if n in same else "")]
@@ -215,18 +221,20 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
     mde = markdown_table(["method", "average NE gain %", "95 % interval", "smallest detectable effect %"],
                          [[n, *(f"{x:+.3f}" if i == 0 else f"{x:.3f}" for i, x in enumerate(interval(gains[n]["average"])))]
                           for n in gains])
-    auc = markdown_table(["method"] + [f"AUC {t}" for t in tasks] + ["AUC average"],
+    auc = markdown_table(["method"] + [f"AUC {t} (mean ± seed std)" if t == tasks[0] else f"AUC {t}" for t in tasks]
+                         + ["AUC average"],
                          [[n] + [_ms([r["eval"][t]["auc"] for r in runs[n]], "{:.4f}") for t in tasks]
                           + [_ms([float(np.mean([r["eval"][t]["auc"] for t in tasks])) for r in runs[n]], "{:.4f}")]
                           for n in joint])
     # calibration (mean prediction / label rate: 1 is calibrated) and GAUC where every run has them
     for key, title in (("calibration", "calibration"), ("gauc", "GAUC")):
         if all(r["eval"][t].get(key) is not None for n in joint for r in runs[n] for t in tasks):
-            auc += "\n\n" + markdown_table(["method"] + [f"{title} {t}" for t in tasks],
+            auc += "\n\n" + markdown_table(["method"] + [f"{title} {t} (mean ± seed std)" for t in tasks],
                                             [[n] + [_ms([r["eval"][t][key] for r in runs[n]], "{:.4f}") for t in tasks]
                                              for n in joint])
-    t2 = markdown_table(["method", "train QPS (rows/s)", "QPS drop vs equal % (indicative)", "avg NE gain %"],
-                        [[n, _ms(qps[n], "{:.0f}"), _ms([100 * (1 - q / base_qps) for q in qps[n]], "{:+.2f}"),
+    t2 = markdown_table(["method", "train QPS (rows/s, mean ± seed std)",
+                         "QPS drop vs equal % (paired by seed, mean ± 95 % interval)", "avg NE gain % (± 95 % interval)"],
+                        [[n, _ms(qps[n], "{:.0f}"), _ci(_qps_drop(runs, n), "{:+.2f}"),
                           _ci(gains[n]["average"]) if n in gains else "0"] for n in joint])
     singles = {t: runs.get(f"single_{t}", []) for t in tasks}
     nt = markdown_table(["task", "NE joint (equal weights)", "NE single-task", "joint vs single %", "negative transfer"],
@@ -235,7 +243,7 @@ def compare_tables(runs: Dict[str, List[dict]], tasks: List[str]) -> Dict[str, s
                           _ci(_joint_vs_single(runs["equal"], singles[t], t)),
                           _transfer_verdict(_joint_vs_single(runs["equal"], singles[t], t))] for t in tasks])
     return {"table3": t3, "table2": t2, "negative_transfer": nt, "mde": mde, "auc": auc,
-            "noise": ", ".join(f"{c}: {v:.3f}" for c, v in noise.items())}
+            "noise": ", ".join(f"{c}: {v:.3f}" for c, v in noise.items()) if "multibalance" in gains else ""}
 
 
 def _joint_vs_single(joint: List[dict], single: List[dict], task: str) -> List[float]:
@@ -280,7 +288,7 @@ def write_compare_report(out: Path) -> str:
         "paired differences; best per column in bold. Positive is better; the paper calls a change "
         "of 0.05 % significant.", "",
         "## NE gain vs equal weights (paper Table 3; beta sweep = Table 4)", "", tables["table3"], "",
-        f"Seed-to-seed std of MultiBalance's gain: {tables['noise']}", "",
+        *([f"Seed-to-seed std of MultiBalance's gain: {tables['noise']}", ""] if tables["noise"] else []),
         "## MultiBalance by beta and step rule (paper Table 4)", "", beta_table(runs, tasks), "",
         "Reversals: the share of weight updates that reversed the previous update's direction "
         "(mean over tasks and the run): near 0.5 or above, lambda oscillates instead of converging.", "",

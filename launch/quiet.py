@@ -23,6 +23,11 @@ BENIGN_WARNINGS = [
      "torchrec's default reservation; its over-estimate only applies to dry runs"),
     (FutureWarning, "`broadcast_buffers` is deprecated", "an argument torchrec's DMP passes to DDP"),
     (DeprecationWarning, ".*fbgemm_gpu", "fbgemm's own imports of its optional SSD kernels"),
+    (UserWarning, "Grad strides do not match bucket view strides",
+     "DDP copies such a gradient into its bucket instead of viewing it: a cost, never a different result"),
+    (UserWarning, ".*non-tuple sequence for multidimensional indexing",
+     "torchmetrics 1.0.3 (the version torchrec.metrics needs) indexes so; the meaning is unchanged in these torch "
+     "releases"),
 ]
 
 

@@ -7,24 +7,47 @@ unless `trainer.check_every` is set), before every checkpoint and before the fin
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
+import logging
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from trainer.errors import NonFiniteError
+from trainer.errors import NonFiniteError, RunError
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteGuard:
     def __init__(self, device: torch.device, steps_per_epoch: int, tasks: Iterable[str]):
-        self.bad = torch.zeros(len(list(tasks)), dtype=torch.bool, device=device)  # [M]
         self.tasks = list(tasks)
+        self.bad = torch.zeros(len(self.tasks), dtype=torch.bool, device=device)  # [M]
+        self.labelled = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)  # [M] rows with weight > 0
         self.steps_per_epoch = steps_per_epoch
         self.checked = 0  # the last step known to be clean
 
-    def observe(self, losses: torch.Tensor) -> None:
-        """losses [M] of one step."""
+    def observe(self, losses: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
+        """losses [M] of one step; weights [B, M] of its rows (0: unlabelled for that task)."""
         self.bad |= ~torch.isfinite(losses)
+        if weights is not None:
+            self.labelled += (weights > 0).sum(0)
+
+    def check_trained(self, step: int, start: int) -> None:
+        """After the last step: a task that had no labelled row (with a weight > 0) in any step of
+        this attempt trained on nothing, whatever its eval says (labels all NaN, which footers
+        count as values; weights all 0). An error for a run that trained from step 0; a warning
+        for a resumed attempt, which saw only the steps after its checkpoint."""
+        counts = self.labelled.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        empty = [t for t, n in zip(self.tasks, counts.tolist()) if n == 0]
+        if not empty:
+            return
+        what = (f"task(s) {', '.join(empty)} had no labelled row with a weight > 0 in steps {start + 1}-{step} "
+                f"(labels null or NaN everywhere, or weights all 0): nothing trained them")
+        if start == 0:
+            raise RunError(f"{what}; check the label and weight columns with `mbrec validate`")
+        log.warning("%s (this attempt, resumed at step %d)", what, start)
 
     def check(self, step: int, stats: Dict[str, torch.Tensor], params: Iterable[torch.Tensor] = ()) -> None:
         """Raises NonFiniteError on every rank if any rank saw a non-finite loss since the last

@@ -25,7 +25,7 @@ from trainer.errors import RunError
 RUN_FILE = "run.json"
 DATA_KEYS = ("data.train", "train_units")
 SPLIT_KEYS = ("data.batch_size", "data.num_workers", "world_size")
-RECORDS = ("parent", "architecture", "checkpoints", "embedding_order", "dense_stats")  # written beside the identity, never compared on resume
+RECORDS = ("parent", "architecture", "checkpoints", "embedding_order", "dense_stats", "string_ids")  # written beside the identity, never compared on resume
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",

@@ -29,7 +29,8 @@ from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
-from trainer.preflight import agreed, check_data, check_disk, check_group_column, check_writable, on_main
+from trainer.preflight import (agreed, check_data, check_disk, check_group_column, check_id_kinds,
+                               check_writable, on_main)
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
@@ -194,6 +195,7 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
             saved = step
     bar.close()
     guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
+    guard.check_trained(step, run.step)
     if tcfg.checkpoint_at_end and saved != step:  # (a resumed finished run has it already)
         run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step))
     return step, t_train
@@ -210,6 +212,7 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
         transforms = FittedTransforms(**saved) if saved is not None else fit_transforms(train, cfg.data, sample)
         ev = read_footers(cfg.data.eval, cfg.data)
         check_group_column(ev, cfg.data.eval_group)
+        check_id_kinds(train.string_ids, ev, sorted({f.column for f in cfg.data.sparse}), "data.eval")
         return train, ev, transforms, id_health(train, cfg.data, sample)
 
     train, ev, transforms, health = on_main(read)
@@ -247,8 +250,8 @@ class Checks:
         self.log_every, self.check_every, self.guard = log_every, check_every, guard
         self.balancer, self.tasks, self.runlog = balancer, tasks, runlog
 
-    def after(self, step: int, losses: torch.Tensor, bar) -> None:
-        self.guard.observe(losses)  # a device op, no sync
+    def after(self, step: int, losses: torch.Tensor, weights: torch.Tensor, bar) -> None:
+        self.guard.observe(losses, weights)  # device ops, no sync
         if self.check_every and step % self.check_every == 0:
             self.guard.check(step, self.balancer.stats())
         if self.log_every and step % self.log_every == 0:
@@ -262,9 +265,9 @@ class Checks:
 def _train_segment(pipeline, it, step: int, checks: Checks, bar) -> int:
     while True:
         try:
-            losses, _, _, _ = pipeline.progress(it)
+            losses, _, _, weights = pipeline.progress(it)
         except StopIteration:
             return step
         step += 1
         bar.update(1)
-        checks.after(step, losses, bar)
+        checks.after(step, losses, weights, bar)

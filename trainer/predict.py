@@ -39,7 +39,7 @@ from trainer import checkpoint, identity, start
 from trainer.build import build_train_module, build_training, init_distributed
 from trainer.errors import RunError
 from trainer.loop import scored
-from trainer.preflight import agreed, on_main
+from trainer.preflight import agreed, check_id_kinds, on_main
 
 log = logging.getLogger(__name__)
 SUMMARY = "_summary.json"  # (a leading "_": Parquet dataset readers of the directory skip it)
@@ -113,7 +113,10 @@ def _scoring_data(cfg, record: dict, data: List[str], keep: List[str]):
         raise RunError(f"--keep {', '.join(clash)}: the name of a prediction column")
     if unlabelled:
         log.info("scoring data without labels for task(s) %s", ", ".join(unlabelled))
-    return dcfg, read_footers(data, dcfg)
+    footers = read_footers(data, dcfg)
+    if "string_ids" in record:
+        check_id_kinds(record["string_ids"], footers, sorted({f.column for f in dcfg.sparse}), "--data")
+    return dcfg, footers
 
 
 def _check_out(out: str, rank: int, main: bool) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 
@@ -89,6 +89,18 @@ def check_group_column(footers, column: str) -> None:
         names = open_parquet(path).schema_arrow.names
         if column not in names:
             raise DataError(f"{path}: data.eval_group column {column!r} is missing (the file has: {', '.join(names)})")
+
+
+def check_id_kinds(trained: Sequence[str], footers, sparse_columns: Sequence[str], what: str) -> None:
+    """Every sparse column holds ids of the kind training hashed (strings, or integers) in `what`
+    too: an id 123 and an id "123" look up different rows."""
+    now = set(footers.string_ids)
+    for column in sparse_columns:
+        if (column in trained) != (column in now):
+            kinds = ("strings", "integers") if column in trained else ("integers", "strings")
+            raise DataError(f"sparse column {column!r}: training ids are {kinds[0]} but {what} holds {kinds[1]} "
+                            f"({footers.types.get(column)}, e.g. {footers.files[0]}): they would look up other rows; "
+                            f"write one type")
 
 
 def check_writable(path: Path) -> None:

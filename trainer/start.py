@@ -176,7 +176,8 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
     """The start of this run (every rank computes it alike): checks the origin against this
     run, and places the first step in the data."""
     record = {**ident, "architecture": identity.architecture(cfg), "checkpoints": ckpts.uri,
-              "embedding_order": "tables", "dense_stats": identity.stats_digest(src.transforms.to_dict())}
+              "embedding_order": "tables", "dense_stats": identity.stats_digest(src.transforms.to_dict()),
+              "string_ids": list(src.footers.string_ids)}
     summary = {"from": origin.kind, "checkpoint": origin.checkpoint, "parts": origin.parts}
     if origin.kind == "fresh":
         return _begin(cfg, 0, Position(), src, record, summary)

@@ -26,6 +26,10 @@ def raw_logs(path, n=3000, seed=0):
         "click": (rng.random(n) < 0.2).astype(np.int8),
         "like": pa.array((rng.random(n) < 0.05).astype(np.int8), mask=rng.random(n) < 0.3),
         "note": pa.array([{"a": 1}] * n),
+        "plan_code": rng.integers(0, 3, n),  # a 3-valued code, not named like one
+        "level": rng.integers(1, 6, n),  # 5 values: a code
+        "event_time": 1_764_000_000 + np.arange(n) * 60,  # epoch seconds
+        "ts_ms": 1_764_000_000_000 + np.arange(n),
     }), path, row_group_size=1000)
 
 
@@ -55,7 +59,10 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
     assert drafted["trainer"]["out_dir"] == "runs/logs" and data["shuffle"] is True
     assert {"model", "balancer", "optim", "trainer"} <= set(drafted)
     assert data["dense"] == ["price", "year", "score"]
-    assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist"]
+    assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist", "plan_code", "level"]
+    assert "# not used: event_time (int64 in [1.764e+09" in out.stdout and "a range of epoch seconds, and its name" \
+        in out.stdout and "# not used: ts_ms" in out.stdout and "looks like a time column" in out.stdout
+    assert "with 5 distinct values in [1, 5]: a code" in out.stdout
     assert [t["name"] for t in data["tasks"]] == ["click", "like"]
     assert "# not used: note" in out.stdout and "auto = log1p + standardize" in out.stdout
     assert "# not used: event_id (int64, 3,000 distinct in 3,000 rows: one value per row" in out.stdout

@@ -67,7 +67,9 @@ def test_report_gains_are_per_seed_against_equal(tmp_path):
     assert g["average"] == pytest.approx([0.5, 0.5])
     text = write_compare_report(tmp_path)
     assert "**+0.500 ± 0.000**" in text  # best average gain, in bold
-    assert "+3.00 ± 1.41" in text  # QPS drop 2 % and 4 %
+    assert "+3.00 ± 12.71" in text  # QPS drop 2 % and 4 %, paired by seed: t(1) = 12.706 x 1.414 / sqrt(2)
+    assert "mean ± 95 % interval" in text and "mean ± seed std" in text  # every ± says what it is
+    assert "Seed-to-seed std of MultiBalance" in text
     assert "| ctr | 0.81000 ± 0.01414 | 0.79000 ± 0.00000 |" in text  # joint vs single-task
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6 * 2
 
@@ -93,6 +95,7 @@ def test_report_flags_weights_that_never_moved_and_says_what_ran(tmp_path):
     assert "graddrop (weights never" not in write_compare_report(tmp_path)
     assert "What ran: 2 variants x 1 seed(s), 10 training steps per run, 2 rank(s)" in text
     assert "## AUC" in text and "indicative" in text
+    assert "MultiBalance" not in text.split("## MultiBalance by beta")[0]  # no MultiBalance line: it did not run
 
 
 def test_compare_writes_no_dataset_for_a_config_without_synth(tmp_path):

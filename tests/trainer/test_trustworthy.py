@@ -46,6 +46,9 @@ def _scenarios(tiny_synth, tmp: Path):
     no_groups.parent.mkdir(parents=True)
     pq.ParquetWriter(no_groups, train.schema).close()
     null_cvr = _write(_replace(train, "cvr", [None] * train.num_rows), tmp / "nullcvr" / "a.parquet")
+    i = train.schema.get_field_index("cvr")  # a float label column, NaN everywhere
+    nan_cvr = _write(train.set_column(i, "cvr", pa.array([float("nan")] * train.num_rows, pa.float32())),
+                     tmp / "nancvr" / "a.parquet")
     huge = _write(_replace(train, "d3", [3e38] * train.num_rows), tmp / "huge" / "a.parquet")
     inf = _write(_replace(train, "d1", [float("inf")] + [0.5] * (train.num_rows - 1)), tmp / "inf" / "a.parquet")
     no_pos = _replace(_replace(ev, "conv", [0] * ev.num_rows), "cvr", [None] * ev.num_rows)
@@ -63,6 +66,8 @@ def _scenarios(tiny_synth, tmp: Path):
         "empty": ([f"data.train=['{empty}']"], ("RunError", "data.train has no rows")),
         "no_row_groups": ([f"data.train=['{no_groups}']"], ("RunError", "data.train has no rows")),
         "null_labels": ([f"data.train=['{null_cvr}']"], ("RunError", "task 'cvr': every label in data.train is null")),
+        # NaN labels are values to the footers: caught by what training saw (no labelled row)
+        "nan_labels": ([f"data.train=['{nan_cvr}']"], ("RunError", "task(s) cvr had no labelled row")),
         "inf_filled": ([f"data.train=['{inf}']", "data.nonfinite='fill'"], None),
         "no_positives": ([f"data.eval=['{no_pos}']"], None),
         "uneven_eval": ([f"data.eval=['{uneven}']", "trainer.save_predictions=true"], None),
@@ -126,7 +131,8 @@ def outcomes(tiny_synth, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["empty", "no_row_groups", "null_labels", "nan_loss", "blocked_checkpoints",
-                                  "changed", "files_changed", "finished"])
+                                  "changed", "files_changed", "finished",
+                                  "nan_labels"])
 def test_bad_runs_fail_with_a_named_error(outcomes, name):
     scenarios, got, _ = outcomes
     kind, fragment = scenarios[name][1]

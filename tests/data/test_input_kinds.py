@@ -1,0 +1,50 @@
+"""Inputs that used to be taken silently: a NaN sample weight (an error, as any non-finite
+weight; a null weight is 0), ids of another kind in eval or scoring data than in training (an
+error naming the column), column names that need quoting in a drafted config."""
+import tomllib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.errors import DataError
+from data.footers import read_footers
+from data.reader import DataSource
+from data.schema import DataConfig, SparseFeature, Task
+from trainer.preflight import check_id_kinds
+
+
+def _weights(path, w):
+    n = len(w)
+    pq.write_table(pa.table({"u": np.arange(n) % 5, "y": pa.array([0, 1] * (n // 2), pa.int8()),
+                             "w": pa.array(w, pa.float64())}), path, row_group_size=n)
+    cfg = DataConfig(train=[str(path)], sparse=[SparseFeature("u", 5)], tasks=[Task("y", weight="w")],
+                     num_workers=0, batch_size=n)
+    return list(DataSource(cfg.train, cfg, 0, 1).batches(0))
+
+
+def test_a_nan_weight_is_an_error_and_a_null_weight_is_zero(tmp_path):
+    with pytest.raises(DataError, match=r"weight column 'w' \(task 'y'\) has value nan \(row 2 of row group 0\)"):
+        _weights(tmp_path / "nan.parquet", [1.0, 2.0, float("nan"), 1.0])
+    (batch,) = _weights(tmp_path / "null.parquet", [1.0, 2.0, None, 1.0])
+    assert batch.label_mask[:, 0].tolist() == [1.0, 2.0, 0.0, 1.0]
+
+
+def test_ids_of_another_kind_than_trainings_are_named(tmp_path):
+    pq.write_table(pa.table({"u": ["a", "b"], "y": pa.array([0, 1], pa.int8())}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"u": [1, 2], "y": pa.array([0, 1], pa.int8())}), tmp_path / "eval.parquet")
+    cfg = DataConfig(sparse=[SparseFeature("u", 5)], tasks=[Task("y")])
+    train, ev = read_footers([str(tmp_path / "train.parquet")], cfg), read_footers([str(tmp_path / "eval.parquet")], cfg)
+    check_id_kinds(train.string_ids, train, ["u"], "data.eval")  # the same kind: fine
+    with pytest.raises(DataError, match=r"sparse column 'u': training ids are strings but data.eval holds integers"):
+        check_id_kinds(train.string_ids, ev, ["u"], "data.eval")
+
+
+def test_a_draft_quotes_every_name(tmp_path):
+    from data.draft import draft
+    pq.write_table(pa.table({'the "user"': [f"u{i % 40}" for i in range(400)], "price\\eur": np.arange(400) * 1.5,
+                             "click it": pa.array([0, 1] * 200, pa.int8())}), tmp_path / "q.parquet")
+    data = tomllib.loads(draft([str(tmp_path / "q.parquet")]))["data"]
+    assert data["sparse"][0]["name"] == 'the "user"' and data["dense"] == ["price\\eur"]
+    assert data["tasks"] == [{"name": "click it"}]

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data.errors import DataError
 from data.footers import id_value_type, is_string_like, spread
 from data.storage import open_parquet, resolve_files
 from data.transforms import AUTO_RANGE
@@ -153,12 +154,21 @@ def _max_id(ids) -> int:
 def draft(patterns: Sequence[str]) -> str:
     """The `[data]` section (TOML text with comments) for the files the patterns name."""
     files = resolve_files(patterns)
-    metas = [open_parquet(f).metadata for f in files]
+    metas = []
+    for f in files:
+        try:
+            metas.append(open_parquet(f).metadata)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{f}: cannot read as Parquet: {e}") from e
+    if not any(m.num_row_groups for m in metas):
+        raise DataError(f"{', '.join(files[:3])}: no row groups to sample (the files hold no rows)")
     total = sum(m.num_rows for m in metas)
     units = [(f, i) for f, m in zip(files, metas) for i in range(m.num_row_groups)]
-    sample = pa.concat_tables([open_parquet(units[i][0]).read_row_group(units[i][1])
-                               for i in spread(len(units), SAMPLE_ROW_GROUPS)],
-                              promote_options="permissive")
+    try:
+        sample = pa.concat_tables([open_parquet(units[i][0]).read_row_group(units[i][1])
+                                   for i in spread(len(units), SAMPLE_ROW_GROUPS)], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"{patterns[0]}: the files' schemas do not combine ({e}); draft one schema at a time") from e
     cols = [_classify(name, sample.column(name), total) for name in sample.column_names]
     return _format(patterns, len(files), total, sample.num_rows, cols)
 

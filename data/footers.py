@@ -117,6 +117,7 @@ def _one_file(path: str, wanted: List[Tuple[str, str]]) -> Dict:
         stats[column] = col
     return {"rows": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)], "stats": stats,
             "types": {c: str(schema.field(c).type) for c, _ in wanted},
+            "kinds": {c: value_kind(schema.field(c).type, role) for c, role in wanted},
             "string_ids": sorted({c for c, role in wanted if role == "sparse"
                                   and is_string_like(id_value_type(schema.field(c).type))})}
 
@@ -146,16 +147,30 @@ def _ranges(per_file: List[Dict]) -> Dict[str, Tuple[float, float]]:
     return out
 
 
+def value_kind(tp: pa.DataType, role: str) -> str:
+    """What a column's values are to the reader: for ids, integers or strings (through lists and
+    dictionary encoding; int32 and int64, string and large_string, plain and dictionary read
+    alike); for other roles, numbers."""
+    if role != "sparse":
+        return "number"
+    v = id_value_type(tp)
+    kind = "string" if is_string_like(v) else "integer" if pa.types.is_integer(v) else str(v)
+    return f"list of {kind}" if pa.types.is_list(tp) or pa.types.is_large_list(tp) else kind
+
+
 def _same_types(files: Sequence[str], per_file: List[Dict]) -> Dict[str, str]:
-    """A column must have one type in every file (an id 123 and an id "123" hash differently)."""
-    first: Dict[str, Tuple[str, str]] = {}
+    """A column must hold one kind of values in every file (an id 123 and an id "123" hash
+    differently); physical types that read alike (int32 / int64, string / large_string,
+    dictionary / plain) may differ."""
+    first: Dict[str, Tuple[str, str, str]] = {}
     for path, f in zip(files, per_file):
         for column, tp in f["types"].items():
-            seen = first.setdefault(column, (tp, path))
-            if seen[0] != tp:
-                raise DataError(f"column {column!r} is {seen[0]} in {seen[1]} but {tp} in {path}: "
-                                f"rewrite the files with one type")
-    return {c: t for c, (t, _) in first.items()}
+            kind = f["kinds"][column]
+            seen = first.setdefault(column, (kind, tp, path))
+            if seen[0] != kind:
+                raise DataError(f"column {column!r} holds {seen[0]} ({seen[1]}) in {seen[2]} but {kind} ({tp}) in "
+                                f"{path}: rewrite the files with one kind of values")
+    return {c: t for c, (_, t, _) in first.items()}
 
 
 def read_footers(patterns: Sequence[str], cfg: DataConfig, threads: int = FOOTER_THREADS) -> Footers:

@@ -46,6 +46,9 @@ class EmbeddingTable:
     def __post_init__(self) -> None:
         if self.num_embeddings <= 0 or self.dim < 0:
             raise ValueError(f"data.tables {self.name}: num_embeddings must be > 0 and dim >= 0")
+        if self.dim % 4:
+            raise ValueError(f"data.tables {self.name}: dim {self.dim} is not a multiple of 4 (FBGEMM's "
+                             f"embedding kernels need one)")
         if self.pooling not in POOLINGS:
             raise ValueError(f"data.tables {self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
 

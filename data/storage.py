@@ -97,22 +97,42 @@ def _visible(path: str) -> bool:
     return path.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in path.split("/") if p)
 
 
-def _listed(fs: pafs.FileSystem, base: str, uri: str) -> List[str]:
+def _infos(fs: pafs.FileSystem, base: str, uri: str) -> List[pafs.FileInfo]:
     try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{uri}: cannot list: {e}") from e
-    return [i.path for i in infos if i.type == pafs.FileType.File]
+
+
+def _listed(fs: pafs.FileSystem, base: str, uri: str) -> List[str]:
+    return [i.path for i in _infos(fs, base, uri) if i.type == pafs.FileType.File]
+
+
+def _globbed(fs: pafs.FileSystem, inside: str, uri: str) -> List[str]:
+    """A glob's files: those it matches (writers' side files, `_*` and `.*`, left out), and the
+    visible Parquet files of the directories it matches (`logs/dt=2026-11-*/`)."""
+    first = min(inside.find(ch) for ch in GLOB_CHARS if ch in inside)
+    base = inside[:first].rsplit("/", 1)[0]
+    rx = glob_regex(inside.rstrip("/"))
+    infos = _infos(fs, base, uri)
+    dirs = [i.path.rstrip("/") + "/" for i in infos if i.type == pafs.FileType.Directory and rx.match(i.path.rstrip("/"))]
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File:
+            continue
+        under = next((d for d in dirs if i.path.startswith(d)), None)
+        if under is not None and _visible(i.path[len(under):]):
+            out.append(i.path)
+        elif under is None and rx.match(i.path) and not i.base_name.startswith(("_", ".")):
+            out.append(i.path)
+    return out
 
 
 def _expand(pattern: str) -> List[str]:
     """One pattern -> paths inside its filesystem (a file, a directory's Parquet files, a glob)."""
     fs, inside = split(pattern)
     if any(ch in inside for ch in GLOB_CHARS):
-        first = min(inside.find(ch) for ch in GLOB_CHARS if ch in inside)
-        base = inside[:first].rsplit("/", 1)[0]
-        rx = glob_regex(inside)
-        return [p for p in _listed(fs, base, pattern) if rx.match(p)]
+        return _globbed(fs, inside, pattern)
     try:
         info = fs.get_file_info(inside)
     except (OSError, pa.ArrowException) as e:
@@ -147,9 +167,22 @@ def resolve_files(patterns: Sequence[str]) -> List[str]:
     for pat in patterns:
         found = sorted(uri_of(pat, p) for p in _expand(pat))
         if not found:
-            raise DataError(f"{pat}: no such Parquet file (or the directory/glob matched nothing)")
+            raise DataError(f"{pat}: {_missing_bucket(pat) or 'no such Parquet file (or the directory/glob matched nothing)'}")
         files.extend(found)
     return sorted(set(files))
+
+
+def _missing_bucket(pattern: str) -> str:
+    """For an object-store URI whose bucket does not exist: says so ("" otherwise)."""
+    if not is_uri(pattern) or urlsplit(pattern).scheme not in ("s3", "gs", "gcs"):
+        return ""
+    fs, inside = split(pattern)
+    bucket = inside.split("/")[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except (OSError, pa.ArrowException):
+        return ""
+    return f"bucket {bucket!r} does not exist (or these credentials cannot see it)" if missing else ""
 
 
 def open_parquet(uri: str, dictionary_columns: Sequence[str] = ()) -> pq.ParquetFile:

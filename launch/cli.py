@@ -59,8 +59,11 @@ def _log_to_file(out_dir: str) -> None:
     a restarted attempt appends to it."""
     rank = os.environ.get("RANK", "0")
     path = Path(out_dir) / "logs" / f"rank{rank}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError as e:
+        raise RunError(f"trainer.out_dir {out_dir} is not writable (its log file {path}): {e}") from e
     handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank)))
     logging.root.addHandler(handler)
 

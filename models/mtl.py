@@ -31,6 +31,13 @@ class ModelConfig:
     head_arch: List[int] = field(default_factory=lambda: [32])  # hidden sizes of each head
     embedding_precision: str = "fp32"  # "fp32" or "fp16" table weights
 
+    def __post_init__(self) -> None:
+        if self.embedding_dim <= 0 or self.embedding_dim % 4:
+            raise ValueError(f"model.embedding_dim {self.embedding_dim} must be a positive multiple of 4 "
+                             f"(FBGEMM's embedding kernels need one)")
+        if not self.shared_arch or not self.dense_arch:
+            raise ValueError("model.shared_arch and model.dense_arch need at least one layer each")
+
 
 PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 

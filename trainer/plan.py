@@ -42,6 +42,9 @@ class PlanReport:
 
 
 def simulate(cfg, nodes: int, gpus_per_node: int, hbm_gb: float) -> PlanReport:
+    if nodes < 1 or gpus_per_node < 1 or not hbm_gb > 0:
+        raise RunError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1 and --hbm-gb "
+                       f"({hbm_gb:g}) > 0")
     world, hbm = nodes * gpus_per_node, int(hbm_gb * GIB)
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, torch.device("meta"),
                                 cfg.trainer.loss_normalization, cfg.trainer.precision)

@@ -62,6 +62,8 @@ def on_main(fn: Callable[[], T]) -> T:
 
 def check_data(train: DataSource, eval_: DataSource, tasks: List[str]) -> None:
     """Empty inputs, tasks without labels: from the Parquet footers, no data read."""
+    if not tasks:
+        raise RunError("data.tasks is empty: a run needs at least one task (its label column)")
     for name, src in (("data.train", train), ("data.eval", eval_)):
         if src.rows == 0:
             raise RunError(f"{name} has no rows ({len(src.files)} file(s), {len(src.unit_rows)} row groups: "
@@ -124,8 +126,13 @@ def check_disk(root: Path, rank_bytes: int, ranks_here: int, keep: int) -> None:
         return  # not a local file system: nothing to measure
     need = rank_bytes * ranks_here
     if free < 1.05 * need:
-        raise RunError(f"checkpoint directory {root}: {free / 2**30:.2f} GiB free, one checkpoint of the "
-                       f"{ranks_here} rank(s) on this machine needs about {need / 2**30:.2f} GiB")
+        raise RunError(f"checkpoint directory {root}: {_size(free)} free, one checkpoint of the "
+                       f"{ranks_here} rank(s) on this machine needs about {_size(need)}")
     if keep and free < (keep + 1) * need:
-        log.warning("checkpoint directory %s: %.2f GiB free, %d kept checkpoints need about %.2f GiB",
-                    root, free / 2**30, keep + 1, (keep + 1) * need / 2**30)
+        log.warning("checkpoint directory %s: %s free, %d kept checkpoints need about %s",
+                    root, _size(free), keep + 1, _size((keep + 1) * need))
+
+
+def _size(n: float) -> str:
+    """GiB, or MiB where GiB would round to 0."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 100 else f"{n / 2**20:.2f} MiB"

@@ -48,3 +48,33 @@ def test_a_draft_quotes_every_name(tmp_path):
     data = tomllib.loads(draft([str(tmp_path / "q.parquet")]))["data"]
     assert data["sparse"][0]["name"] == 'the "user"' and data["dense"] == ["price\\eur"]
     assert data["tasks"] == [{"name": "click it"}]
+
+
+def test_physical_types_that_read_alike_are_accepted(tmp_path):
+    ids = ["a", "b", "c", "a"]
+    pq.write_table(pa.table({"s": pa.array(ids, pa.string()), "i": pa.array([1, 2, 3, 4], pa.int32()),
+                             "y": pa.array([0, 1, 0, 1], pa.int8())}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"s": pa.array(ids, pa.large_string()).dictionary_encode(),
+                             "i": pa.array([1, 2, 3, 4], pa.int64()), "y": pa.array([0, 1, 0, 1], pa.float32())}),
+                   tmp_path / "2.parquet")
+    cfg = DataConfig(train=[str(tmp_path)], sparse=[SparseFeature("s", 16), SparseFeature("i", 8)], tasks=[Task("y")],
+                     num_workers=0, batch_size=4)
+    a, b = DataSource(cfg.train, cfg, 0, 1).batches(0)
+    assert a.sparse_features.values().tolist() == b.sparse_features.values().tolist()  # the same rows
+    pq.write_table(pa.table({"s": pa.array([1, 2, 3, 4]), "i": pa.array([1, 2, 3, 4]),
+                             "y": pa.array([0, 1, 0, 1], pa.int8())}), tmp_path / "3.parquet")
+    with pytest.raises(DataError, match=r"column 's' holds string \(string\) in .*1.parquet but integer \(int64\)"):
+        read_footers([str(tmp_path)], cfg)
+
+
+def test_globs_over_directories_take_their_parquet_files_only(tmp_path):
+    from data.storage import resolve_files
+    for day in ("2026-11-19", "2026-11-20", "2026-11-21"):
+        d = tmp_path / f"dt={day}"
+        d.mkdir()
+        pq.write_table(pa.table({"x": [1]}), d / "part-0.parquet")
+        (d / "_SUCCESS").write_text("")
+        (d / ".part-0.parquet.crc").write_text("")
+    assert resolve_files([f"{tmp_path}/dt=2026-11-2*/"]) == [f"{tmp_path}/dt=2026-11-2{i}/part-0.parquet" for i in (0, 1)]
+    assert resolve_files([f"{tmp_path}/dt=2026-11-2*"]) == resolve_files([f"{tmp_path}/dt=2026-11-2*/"])
+    assert len(resolve_files([f"{tmp_path}/dt=*/*"])) == 3  # a file glob: _SUCCESS and .crc left out

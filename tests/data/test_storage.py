@@ -54,8 +54,11 @@ def test_date_partitions_by_glob_local_and_s3(s3):
 
 
 def test_unreachable_uris_are_named(s3):
-    with pytest.raises(DataError, match="s3://no-such-bucket/logs: no such Parquet file"):
+    with pytest.raises(DataError, match="s3://no-such-bucket/logs: bucket 'no-such-bucket' does not exist"):
         resolve_files(["s3://no-such-bucket/logs"])
+    # a glob over date directories, as the README writes it: their Parquet files, no side files
+    found = resolve_files(["s3://logs/parts/dt=2026-11-2*/"])
+    assert len(found) == 4 and all(f.endswith(".parquet") for f in found)
     with pytest.raises(DataError, match=r"s3://logs/tiny/nothing-\*.parquet: no such"):
         resolve_files(["s3://logs/tiny/nothing-*.parquet"])
     bad = "s3://logs/tiny/train?endpoint_override=127.0.0.1:1&scheme=http"  # nothing listens there

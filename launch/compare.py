@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 from launch.config import load_config
 from launch.report import binary_tasks
+from trainer.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,24 @@ def plan(config: str, overrides: List[str], methods: List[str], betas: List[floa
     return runs
 
 
+SETTINGS = "compare_settings.json"  # the digest of a compare run's resolved config
+
+
+def _settings(cfg) -> str:
+    import dataclasses
+    import hashlib
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_same_settings(run_dir: Path, cfg) -> None:
+    """A finished run in --out is reused only if it ran with exactly this run's settings."""
+    saved = run_dir / SETTINGS
+    if not saved.is_file() or json.loads(saved.read_text())["settings"] != _settings(cfg):
+        raise RunError(f"{run_dir} holds a finished run {'of other settings' if saved.is_file() else 'whose settings are unknown'}"
+                       f" (--steps, --set, the config or its data differ): use a new --out for this compare, "
+                       f"or remove it")
+
+
 def run_plan(config: str, plan_file: str) -> int:
     """The job's entry point on every rank: trains the planned runs one after another."""
     import time
@@ -83,10 +103,14 @@ def run_plan(config: str, plan_file: str) -> int:
     durations: List[float] = []
     for i, (name, seed, overrides) in enumerate(entries):
         cfg = load_config(config, overrides)
-        if (Path(cfg.trainer.out_dir) / "summary.json").is_file():
-            continue  # finished in an earlier, interrupted compare
+        run_dir = Path(cfg.trainer.out_dir)
+        if (run_dir / "summary.json").is_file():
+            _check_same_settings(run_dir, cfg)
+            continue  # finished in an earlier, interrupted compare with these settings
         t0 = time.perf_counter()
         summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (run_dir / SETTINGS).write_text(json.dumps({"settings": _settings(cfg)}))
         durations.append(time.perf_counter() - t0)
         left = (len(entries) - i - 1) * sum(durations) / len(durations)
         log.info("[%d/%d] %s seed %d: %d steps in %.0f s; about %.0f min left", i + 1, len(entries), name, seed,

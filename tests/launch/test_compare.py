@@ -134,3 +134,18 @@ def test_demo_prints_its_single_seed_gain_with_the_calibrated_noise(tmp_path):
     fake_run(tmp_path, "multibalance", 0, [0.796, 0.90], 100.0)  # ctr +0.5 %, cvr 0: average +0.25 %
     line = noise_line([tmp_path / "equal" / "seed0", tmp_path / "multibalance" / "seed0"])
     assert "+0.250 % from ONE seed" in line and f"+-{T95 * PAIRED_SD:.2f} %" in line and "--seeds 8" in line
+
+
+def test_a_rerun_into_the_same_out_reuses_only_runs_of_the_same_settings(tmp_path):
+    from launch.compare import SETTINGS, _check_same_settings, _settings
+    from launch.config import RunConfig
+    from trainer.errors import RunError
+    a, b = RunConfig(), RunConfig()
+    b.trainer.max_steps = 7  # another --steps
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(RunError, match="whose settings are unknown"):
+        _check_same_settings(tmp_path, a)
+    (tmp_path / SETTINGS).write_text(json.dumps({"settings": _settings(a)}))
+    _check_same_settings(tmp_path, a)
+    with pytest.raises(RunError, match="of other settings .*use a new --out"):
+        _check_same_settings(tmp_path, b)

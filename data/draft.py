@@ -116,7 +116,7 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
                                     f"every eval value lies beyond the training range: not used (derive hour / weekday "
                                     f"features from it, or add it as dense on purpose)")
     if np.isin(values, (0.0, 1.0)).all():
-        return Column(name, "task", f"0/1, {values.mean():.3%} positive, {col.null_count / len(col):.0%} null "
+        return Column(name, "task", f"0/1, {values.mean():.3%} positive, {_nulls(col)} "
                                     f"(a 0/1 feature? move it to dense)")
     if pa.types.is_integer(tp) and ID_NAME.search(name):
         distinct = pc.count_distinct(col).as_py()
@@ -134,7 +134,12 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
                                                        f"not a quantity (move it to dense if its order matters)",
                                                        distinct, len(col), total, n, int(hi)), n)
     auto = "as is" if max(abs(lo), abs(hi)) <= AUTO_RANGE else "log1p + standardize"
-    return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {col.null_count / len(col):.0%} null: auto = {auto}")
+    return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {_nulls(col)}: auto = {auto}")
+
+
+def _nulls(col: pa.ChunkedArray) -> str:
+    """The sample's nulls, counted (a share rounded to 0 % would hide them)."""
+    return f"{col.null_count:,} null ({col.null_count / len(col):.2%})" if col.null_count else "no null"
 
 
 def _time_like(name: str, tp: pa.DataType, lo: float, hi: float) -> str:

@@ -63,6 +63,8 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
     assert "# not used: event_time (int64 in [1.764e+09" in out.stdout and "a range of epoch seconds, and its name" \
         in out.stdout and "# not used: ts_ms" in out.stdout and "looks like a time column" in out.stdout
     assert "with 5 distinct values in [1, 5]: a code" in out.stdout
+    like = next(line for line in out.stdout.splitlines() if '"like"' in line)
+    assert " null (" in like and "no null" not in like  # nulls counted, never rounded away
     assert [t["name"] for t in data["tasks"]] == ["click", "like"]
     assert "# not used: note" in out.stdout and "auto = log1p + standardize" in out.stdout
     assert "# not used: event_id (int64, 3,000 distinct in 3,000 rows: one value per row" in out.stdout

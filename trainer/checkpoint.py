@@ -51,12 +51,16 @@ PARTS = ("model", "optim", "balancer")
 BALANCER_PREFIX = "balancer."  # the balancer's buffers in the DMP state dict
 
 
-def _state(dmp, optimizer, step: int, position: str = "") -> dict:
+def _state(dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> dict:
     """What a checkpoint holds. `position`: the data position as JSON (trainer.start), kept as a
     uint8 tensor of its bytes (written like every tensor, and sized by the checkpoint's metadata
-    when read back)."""
-    return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "progress": {"step": torch.tensor(step, dtype=torch.int64), "position": _encode(position)}}
+    when read back). `totals`: the run's reader counters and training seconds up to `step`, over
+    every attempt and rank (float64 [len(COUNTERS) + 1]), so that a resumed run's summary counts
+    the whole run."""
+    progress = {"step": torch.tensor(step, dtype=torch.int64), "position": _encode(position)}
+    if totals is not None:
+        progress["totals"] = totals.double().cpu()
+    return {"model": dmp.state_dict(), "optim": optimizer.state_dict(), "progress": progress}
 
 
 def _encode(text: str) -> torch.Tensor:
@@ -72,6 +76,8 @@ def _progress(meta: Dict[str, object]) -> dict:
     out = {"step": torch.tensor(0, dtype=torch.int64)}
     if "progress.position" in meta:
         out["position"] = torch.zeros(list(meta["progress.position"].size), dtype=torch.uint8)
+    if "progress.totals" in meta:
+        out["totals"] = torch.zeros(list(meta["progress.totals"].size), dtype=torch.float64)
     return out
 
 
@@ -153,13 +159,14 @@ class CheckpointDir:
         else:
             write_atomic(Path(self.root) / name, text)
 
-    def save(self, dmp, optimizer, step: int, position: str = "") -> str:
+    def save(self, dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> str:
         ckpt = self.child(f"step-{step:09d}")
         try:
             # a URI selects DCP's fsspec storage, a path its file-system storage
-            dcp.save(_state(dmp, optimizer, step, position), checkpoint_id=ckpt)
+            dcp.save(_state(dmp, optimizer, step, position, totals), checkpoint_id=ckpt)
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}): {_cause(e)}") from e
+            full = "; the disk is full: No space left on device" if self._full() else ""
+            raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): {_cause(e)}") from e
         if _is_main():  # after every rank finished its part
             name = os.path.basename(ckpt)
             if self.remote:  # one PUT: readers see the old object or the new one
@@ -175,6 +182,16 @@ class CheckpointDir:
         done = [n for n in self._names() if self.is_complete(n)]
         for old in done[:-self.keep] if self.keep else []:
             self.fs.rm(f"{self.root}/{old}", recursive=True)
+
+    def _full(self) -> bool:
+        """After a failed save: the local disk is (nearly) full, whatever torch's writer said (its
+        zip writer reports a short write as "unexpected pos", without the system's error)."""
+        if self.remote:
+            return False
+        try:
+            return shutil.disk_usage(self.root).free < 2**20
+        except OSError:
+            return False
 
     def _free(self) -> str:
         if self.remote:
@@ -245,6 +262,7 @@ def part_of(key: str) -> str:
 class Loaded:
     step: int
     position: Optional[str]  # None: a checkpoint written before positions were recorded
+    totals: Optional[torch.Tensor] = None  # reader counters and seconds up to the step (see _state)
 
 
 def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
@@ -274,7 +292,7 @@ def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
         optimizer.load_state_dict(state["optim"])
     step = int(state["progress"]["step"])
     log.info("loaded %s of %s (step %d)", ", ".join(parts), path, step)
-    return Loaded(step, _decode(state["progress"].get("position")))
+    return Loaded(step, _decode(state["progress"].get("position")), state["progress"].get("totals"))
 
 
 def _flat(d: dict, prefix: str = "") -> Iterator[Tuple[str, object]]:

@@ -87,7 +87,7 @@ def evaluate(pipeline, dmp, src: DataSource, env, tasks: List[str], save_to: Pat
 
 
 def _all_reduce_counters(src: DataSource, device: torch.device) -> Dict[str, int]:
-    t = src.counters.to(device)
+    t = src.counters.clone().to(device)  # (a copy: on CPU .to() is the tensor itself, reduced in place)
     if dist.is_initialized():
         dist.all_reduce(t)
     return dict(zip(COUNTERS, t.tolist()))
@@ -108,6 +108,7 @@ class Run:
     step: int  # the step training starts from (a resumed checkpoint's)
     timeline: start.Timeline  # the data position of every step
     start: dict  # where it started from, for summary.json
+    carried: torch.Tensor  # a resumed run's counters and seconds before this attempt, float64 [C + 1]
 
 
 def train(cfg) -> Dict:
@@ -129,7 +130,7 @@ def train(cfg) -> Dict:
         step, t_train = _train_steps(run, cfg.trainer, env, runlog, desc=f"train {cfg.balancer.method}")
         save_preds = run.out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
         final = evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks, save_preds)
-    summary = _summary(cfg, env, step, final, run.train_src, run.eval_src, t_train, balancer)
+    summary = _summary(cfg, env, step, final, run, t_train + float(run.carried[-1]), balancer)
     summary["start"] = run.start
     runlog.write("eval", step, _flat(final))
     runlog.write("summary", step, {"summary": summary})
@@ -159,14 +160,17 @@ def _prepare(cfg, env) -> Run:
         identity.write_atomic(out / STATS_FILE, stats)
         ckpts.put(identity.RUN_FILE, identity.dumps(begin.record))  # a checkpoint directory says what trained it
         ckpts.put(STATS_FILE, stats)
+    carried = torch.zeros(len(COUNTERS) + 1, dtype=torch.float64)
     if origin.checkpoint is not None:
-        checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts)
+        loaded = checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts)
+        if origin.kind == "resume" and loaded.totals is not None:
+            carried = loaded.totals
         log.info("%s %s", "resumed from" if origin.kind == "resume" else "warm start from", origin.checkpoint)
     if (tcfg.checkpoint_every or tcfg.checkpoint_at_end) and not ckpts.remote:
         agreed(lambda: check_disk(Path(ckpts.root), checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
                                   tcfg.keep_checkpoints))
     return Run(out, tasks, ckpts, train_src, eval_src, begin.total, dmp, optimizer, pipeline, begin.step,
-               begin.timeline, begin.summary)
+               begin.timeline, begin.summary, carried)
 
 
 def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, float]:
@@ -191,14 +195,21 @@ def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, f
             runlog.write("eval", step, _flat(evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks)))
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < run.total:
             guard.check(step, balancer.stats(), dense)
-            run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step))
+            run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step), _totals(run, env, t_train))
             saved = step
     bar.close()
     guard.check(step, balancer.stats(), dense)  # before the final checkpoint and eval
     guard.check_trained(step, run.step)
     if tcfg.checkpoint_at_end and saved != step:  # (a resumed finished run has it already)
-        run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step))
+        run.ckpts.save(run.dmp, run.optimizer, step, run.timeline.record(step), _totals(run, env, t_train))
     return step, t_train
+
+
+def _totals(run: Run, env, t_train: float) -> torch.Tensor:
+    """The run's reader counters (every rank) and training seconds so far, this attempt and the
+    ones before it: float64 [C + 1]."""
+    counters = torch.tensor(list(_all_reduce_counters(run.train_src, env.device).values()), dtype=torch.float64)
+    return run.carried + torch.cat([counters, torch.tensor([t_train], dtype=torch.float64)])
 
 
 def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
@@ -226,10 +237,12 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
                                  group=cfg.data.eval_group)
 
 
-def _summary(cfg, env, step: int, final: Dict, train_src: DataSource, eval_src: DataSource,
-             t_train: float, balancer) -> Dict:
-    """What summary.json holds (identical on every rank: counters and metrics are reduced)."""
-    counters = _all_reduce_counters(train_src, env.device)
+def _summary(cfg, env, step: int, final: Dict, run: Run, t_train: float, balancer) -> Dict:
+    """What summary.json holds (identical on every rank: counters and metrics are reduced; a
+    resumed run's counters and seconds include its earlier attempts')."""
+    train_src, eval_src = run.train_src, run.eval_src
+    now = _all_reduce_counters(train_src, env.device)
+    counters = {k: v + int(c) for (k, v), c in zip(now.items(), run.carried[:-1].tolist())}
     return {"method": cfg.balancer.method, "steps": step, "world_size": env.world_size,
             "tasks": [{"name": t.name, "column": t.column, "kind": t.kind, "weight": t.weight} for t in cfg.data.tasks],
             "eval_files": eval_src.files, "eval": final, "train_reader": counters,

@@ -76,8 +76,11 @@ class Timeline:
     def stream(self, step: int) -> Iterator[Batch]:
         """Batches from `step` on (a step of the start leg)."""
         it = self.src.epoch(self.start.epoch, self.start.units)
-        for _ in range(step - self.start.leg_start):  # re-read, not trained on
+        skip = step - self.start.leg_start
+        for _ in range(skip):  # re-read, not trained on
             next(it)
+        if skip:  # their rows were counted by the attempt that trained on them
+            self.src.counters.zero_()
         yield from it
         epoch = self.start.epoch + 1
         while True:

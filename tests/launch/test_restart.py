@@ -69,6 +69,7 @@ def test_killed_rank_restarts_resumes_and_matches_the_straight_run(tiny_synth, t
     b = json.loads((out / "summary.json").read_text())
     assert b["steps"] == a["steps"] == 72
     assert b["final_weights"] == a["final_weights"] and b["eval"] == a["eval"]
+    assert b["train_reader"] == a["train_reader"]  # every attempt's rows, each once (3 epochs x 12,000 rows)
     _assert_no_process_left(out)
 
 

@@ -252,7 +252,10 @@ def test_resume_on_another_world_size_trains_every_row_of_the_epoch_once(scenari
     # reader counts a unit's rows when it starts it; row-level exactness: tests/data/test_position.py)
     assert rs["units_consumed"] == 2 and rs["partial_units"] == 2 and rs["units_left"] == 6
     assert rs["rows_trained_twice"] == 2 * (7 * 256 - 1500)
-    assert resumed["train_reader"]["rows"] == 12_000 - 2 * 1500
+    # the summary counts the whole run: the rows read before the checkpoint (its units started: 4 x 1500),
+    # then those read after it (the 6 units left and the 2 partly read ones again)
+    assert stopped["train_reader"]["rows"] == 4 * 1500
+    assert resumed["train_reader"]["rows"] == 4 * 1500 + 12_000 - 2 * 1500
     assert resumed["steps"] == 7 + 6 * 1500 // 256 + 1  # the rest of the epoch, one rank's batches
     run = json.loads((root / "stopped" / "run.json").read_text())
     assert run["world_size"] == 1

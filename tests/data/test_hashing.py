@@ -85,5 +85,6 @@ def test_one_column_two_types_across_files(tmp_path):
     _write(tmp_path / "a.parquet", y=pa.array([0, 1]), u=pa.array([1, 2]))
     _write(tmp_path / "b.parquet", y=pa.array([0, 1]), u=pa.array(["1", "2"]))
     cfg = DataConfig(train=[str(tmp_path)], sparse=[SparseFeature("u", 5)], tasks=[Task("y")])
-    with pytest.raises(DataError, match=r"column 'u' is int64 in .*a.parquet but string in .*b.parquet"):
+    with pytest.raises(DataError, match=r"column 'u' holds integer \(int64\) in .*a.parquet but string \(string\) in "
+                                        r".*b.parquet"):
         DataSource(cfg.train, cfg, 0, 1)

@@ -71,8 +71,8 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     if env.is_main:
         with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
             f.write(json.dumps(summary, indent=2).encode())
-        log.info("scored %d rows in %.1f s (%.0f rows/s) into %s", summary["rows"], summary["seconds"],
-                 summary["rows_per_s"], out)
+        log.info("scored %d rows into %s: %.1f s in all, %.1f s scoring (%.0f rows/s)", summary["rows"], out,
+                 summary["seconds"], summary["scoring_seconds"], summary["rows_per_s"])
     return summary
 
 

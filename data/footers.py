@@ -44,7 +44,7 @@ def id_value_type(tp: pa.DataType) -> pa.DataType:
 def type_problem(column: str, tp: pa.DataType, role: str) -> Optional[str]:
     """None if a column of type `tp` can play `role`, else what is wrong with it."""
     numeric = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
-    if role == "sparse":
+    if role in ("sparse", "data.eval_group"):  # ids: integers or strings
         v = id_value_type(tp)
         if pa.types.is_integer(v) or is_string_like(v):
             return None
@@ -173,10 +173,12 @@ def _same_types(files: Sequence[str], per_file: List[Dict]) -> Dict[str, str]:
     return {c: t for c, (_, t, _) in first.items()}
 
 
-def read_footers(patterns: Sequence[str], cfg: DataConfig, threads: int = FOOTER_THREADS) -> Footers:
-    """Resolves the patterns and reads every file's footer (only the footers)."""
+def read_footers(patterns: Sequence[str], cfg: DataConfig, threads: int = FOOTER_THREADS,
+                 extra: Sequence[Tuple[str, str]] = ()) -> Footers:
+    """Resolves the patterns and reads every file's footer (only the footers). `extra`: more
+    (column, role) pairs the files must have (eval's grouping column)."""
     files = resolve_files(patterns)
-    wanted = _wanted(cfg)
+    wanted = _wanted(cfg) + list(extra)
     with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
         per_file = list(pool.map(lambda p: _one_file(p, wanted), files))
     types = _same_types(files, per_file)

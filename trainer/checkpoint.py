@@ -213,12 +213,8 @@ def state_bytes(dmp, optimizer) -> int:
                 stack.extend(node.values())
             elif isinstance(node, (list, tuple)):
                 stack.extend(node)
-            elif hasattr(node, "local_shards"):  # ShardedTensor
-                total += sum(s.tensor.numel() * s.tensor.element_size() for s in node.local_shards())
-            elif hasattr(node, "to_local"):  # DTensor
-                total += node.to_local().numel() * node.to_local().element_size()
-            elif isinstance(node, torch.Tensor):
-                total += node.numel() * node.element_size()
+            else:  # a ShardedTensor's or DTensor's local part, or a tensor
+                total += sum(t.numel() * t.element_size() for t in _local(node))
     return total
 
 

@@ -32,7 +32,7 @@ from typing import Dict, List
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data import hashing
 from data.schema import DataConfig
@@ -50,9 +50,7 @@ class Served(nn.Module):
 
     def __init__(self, model: MultiTaskDCN, keys: List[str], stats: Dict, regression: List[bool]):
         super().__init__()
-        self.ebc, self.dense_arch, self.cross = model.ebc, model.dense_arch, model.cross
-        self.emb_order = model.emb_order
-        self.shared, self.heads = model.shared, model.heads
+        self.model = model
         self.keys = keys
         clip = [c or [float("-inf"), float("inf")] for c in stats["clip"]]
         std = ["standardize" in k for k in stats["kinds"]]
@@ -73,9 +71,8 @@ class Served(nn.Module):
         x = (x - self.shift) * self.scale
         x = torch.where(torch.isfinite(dense), x, self.fill.expand_as(x))  # [B, D]
         kjt = KeyedJaggedTensor.from_lengths_sync(self.keys, values, lengths)
-        emb = KeyedTensor.regroup([self.ebc(kjt)], [self.emb_order])[0]  # [B, F * d], table order
-        h = self.shared(self.cross(torch.cat([emb, self.dense_arch(x)], dim=1)))  # [B, n']
-        logits = self.heads(h.unsqueeze(0).expand(self.num_tasks, h.shape[0], h.shape[1]))  # [B, M]
+        h = self.model.representation(x, kjt)  # [B, n']
+        logits = self.model.task_logits(h.unsqueeze(0).expand(self.num_tasks, h.shape[0], h.shape[1]))  # [B, M]
         return torch.where(self.regression, logits, torch.sigmoid(logits))
 
 
@@ -97,11 +94,7 @@ def export(source: str, out: str, dtype: str = "int8") -> Dict:
     if dtype not in DTYPES:
         raise RunError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
-    ckpt, home = start.resolve_parent(source, what="export:")
-    record = start.read_json(home, identity.RUN_FILE, f"export {source!r}: no {identity.RUN_FILE} beside {ckpt}")
-    stats = start.read_json(home, start.STATS_FILE, f"export {source!r}: no {start.STATS_FILE} beside {ckpt}")
-    start.check_layout(record, ckpt)
-    start.check_stats(record, stats, ckpt)
+    ckpt, record, stats = start.trained_run(source, "export")
     sections = config_of(record)
     dcfg, mcfg = from_dict(DataConfig, sections["data"]), from_dict(ModelConfig, sections["model"])
     model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("cpu"),

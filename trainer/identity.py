@@ -46,9 +46,13 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def units_digest(files: Sequence[str], unit_rows: Sequence[int]) -> str:
     """The training files and their row-group sizes (what the split is made of)."""
-    return hashlib.sha256(json.dumps([list(files), list(unit_rows)]).encode()).hexdigest()[:16]
+    return _sha([list(files), list(unit_rows)])
 
 
 def identity(cfg, world_size: int, train_files: Sequence[str], unit_rows: Sequence[int]) -> Dict[str, Any]:
@@ -92,13 +96,12 @@ def architecture_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 def digest(record: Dict[str, Any]) -> str:
     """A run's identity digest (its run.json without the records)."""
-    ident = {k: v for k, v in record.items() if k not in RECORDS}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _sha({k: v for k, v in record.items() if k not in RECORDS})
 
 
 def stats_digest(stats: Dict[str, Any]) -> str:
     """The digest of a run's fitted dense transforms (dense_stats.json), kept in its run.json."""
-    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
+    return _sha(stats)
 
 
 def write_atomic(path: Path, text: str) -> None:

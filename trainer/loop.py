@@ -29,8 +29,7 @@ from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
-from trainer.preflight import (agreed, check_data, check_disk, check_group_column, check_id_kinds,
-                               check_writable, on_main)
+from trainer.preflight import agreed, check_data, check_disk, check_id_kinds, check_writable, on_main
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
@@ -221,8 +220,8 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
         columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse)]))
         sample = sample_table(train, cfg.data, columns)
         transforms = FittedTransforms(**saved) if saved is not None else fit_transforms(train, cfg.data, sample)
-        ev = read_footers(cfg.data.eval, cfg.data)
-        check_group_column(ev, cfg.data.eval_group)
+        group = [(cfg.data.eval_group, "data.eval_group")] if cfg.data.eval_group else []
+        ev = read_footers(cfg.data.eval, cfg.data, extra=group)
         check_id_kinds(train.string_ids, ev, sorted({f.column for f in cfg.data.sparse}), "data.eval")
         return train, ev, transforms, id_health(train, cfg.data, sample)
 

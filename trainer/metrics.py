@@ -23,15 +23,17 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import numpy as np
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.calibration import CalibrationMetric
 from torchrec.metrics.mae import MAEMetric
 from torchrec.metrics.metrics_config import RecComputeMode, RecTaskInfo
 from torchrec.metrics.mse import MSEMetric
 from torchrec.metrics.ne import NEMetric
+
+from data.reader import NO_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +122,6 @@ class Evaluator:
             if not self.regression[m]:
                 gauc, used, skipped = grouped_auc(group, preds[:, m], labels[:, m], weights[:, m])
                 out[t].update(gauc=gauc, gauc_groups=used, gauc_groups_skipped=skipped)
-
-
-NO_GROUP = np.iinfo(np.int64).min  # (data.reader.NO_GROUP: a row whose group is null)
 
 
 def grouped_auc(group: np.ndarray, pred: np.ndarray, label: np.ndarray,

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from data.errors import DataError
 from data.footers import read_footers
+from data.position import assign_units
 from data.reader import DataSource
 from data.storage import open_parquet, resolve_files, split
 from data.transforms import FittedTransforms
@@ -60,14 +61,14 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     module = build_train_module(dcfg, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
-    checkpoint.load(ckpt, dmp, optimizer, parts=("model", "balancer"))
+    step = checkpoint.load(ckpt, dmp, optimizer, parts=("model", "balancer")).step
     t_score = time.perf_counter()
     preds = _predictions(pipeline, dmp, src)  # [rows of this rank, M]
     t_score = time.perf_counter() - t_score
     table = _with_kept(preds, src, list(keep), dcfg.task_names)
     fs, root = split(out)
     pq.write_table(table, f"{root}/part-{env.rank:05d}.parquet", filesystem=fs)
-    summary = _summary(src, env, ckpt, out, time.perf_counter() - t0, t_score, list(table.column_names))
+    summary = _summary(src, env, ckpt, step, out, time.perf_counter() - t0, t_score, list(table.column_names))
     if env.is_main:
         with fs.open_output_stream(f"{root}/{SUMMARY}") as f:
             f.write(json.dumps(summary, indent=2).encode())
@@ -78,13 +79,7 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
 
 def _trained(cfg, source: str) -> Tuple[str, dict, dict]:
     """(checkpoint, its run.json, its dense transforms), checked against cfg's architecture."""
-    ckpt, home = start.resolve_parent(source, what="--from")
-    record = start.read_json(home, identity.RUN_FILE, f"--from {source!r}: no {identity.RUN_FILE} beside checkpoint "
-                             f"{ckpt}: cannot tell what trained it")
-    stats = start.read_json(home, start.STATS_FILE, f"--from {source!r}: no {start.STATS_FILE} beside checkpoint "
-                            f"{ckpt}: the dense transforms it was trained with are unknown")
-    start.check_layout(record, ckpt)
-    start.check_stats(record, stats, ckpt)
+    ckpt, record, stats = start.trained_run(source, "--from")
     if "architecture" in record:
         changes = identity.architecture_changes(record["architecture"], identity.architecture(cfg))
         if changes:
@@ -153,8 +148,8 @@ def _predictions(pipeline, dmp, src: DataSource) -> np.ndarray:
 
 def _with_kept(preds: np.ndarray, src: DataSource, keep: List[str], tasks: List[str]) -> pa.Table:
     """The kept columns of this rank's units, in its reading order, beside the predictions."""
-    nw = max(src.cfg.num_workers, 1)
-    mine = [src.footers.units[u] for u in range(src.rank, len(src.footers.units), src.world_size * nw)]
+    # one reader per rank (num_workers <= 1): reader g = rank reads its dealt units in order
+    mine = [src.footers.units[u] for u in assign_units(len(src.footers.units), src.world_size, 1)[src.rank]]
     if keep:
         tables, handles = [], {}
         for path, rg in mine:
@@ -171,14 +166,15 @@ def _with_kept(preds: np.ndarray, src: DataSource, keep: List[str], tasks: List[
     return pa.table(columns)
 
 
-def _summary(src: DataSource, env, ckpt: str, out: str, seconds: float, score_s: float, columns: List[str]) -> Dict:
+def _summary(src: DataSource, env, ckpt: str, step: int, out: str, seconds: float, score_s: float,
+             columns: List[str]) -> Dict:
     counts = torch.tensor([src.rank_rows[src.rank], *src.counters.tolist()], dtype=torch.int64)
     if dist.is_initialized():
         dist.all_reduce(counts)
     if int(counts[0]) != src.rows:
         raise RunError(f"scored {int(counts[0])} rows of {src.rows}")
     from data.batch import COUNTERS
-    return {"checkpoint": ckpt, "step": checkpoint.read_progress(ckpt)[0], "out": out, "rows": src.rows,
+    return {"checkpoint": ckpt, "step": step, "out": out, "rows": src.rows,
             "rows_per_rank": src.rank_rows, "files": src.files, "world_size": env.world_size, "columns": columns,
             "unlabelled_tasks": src.cfg.unlabelled, "reader": dict(zip(COUNTERS, counts[1:].tolist())),
             "seconds": seconds, "scoring_seconds": score_s, "rows_per_s": src.rows / max(score_s, 1e-9)}

@@ -81,18 +81,6 @@ def check_data(train: DataSource, eval_: DataSource, tasks: List[str]) -> None:
                         "no labelled row" if eval_.label_footers.labelled[m] == 0 else "no positive label")
 
 
-def check_group_column(footers, column: str) -> None:
-    """data.eval_group names a column of every eval file (checked before training, not at the
-    final eval)."""
-    if not column:
-        return
-    from data.storage import open_parquet
-    for path in footers.files:
-        names = open_parquet(path).schema_arrow.names
-        if column not in names:
-            raise DataError(f"{path}: data.eval_group column {column!r} is missing (the file has: {', '.join(names)})")
-
-
 def check_id_kinds(trained: Sequence[str], footers, sparse_columns: Sequence[str], what: str) -> None:
     """Every sparse column holds ids of the kind training hashed (strings, or integers) in `what`
     too: an id 123 and an id "123" look up different rows."""

@@ -126,13 +126,24 @@ def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
         return Origin("resume", latest, transforms=json.loads(saved.read_text()) if saved.is_file() else None)
     if not tcfg.init_from:
         return Origin("fresh")
-    ckpt, home = resolve_parent(tcfg.init_from)
-    record = read_json(home, identity.RUN_FILE, f"trainer.init_from = {tcfg.init_from!r}: no {identity.RUN_FILE} "
-                        f"beside checkpoint {ckpt}: cannot tell what trained it")
-    stats = None if tcfg.refit_transforms else read_json(
-        home, STATS_FILE, f"trainer.init_from = {tcfg.init_from!r}: no {STATS_FILE} beside checkpoint {ckpt} (the "
-        f"parent's dense transforms); set trainer.refit_transforms = true to fit them on this run's data")
+    ckpt, record, stats = trained_run(tcfg.init_from, "trainer.init_from =", not tcfg.refit_transforms)
     return Origin("parent", ckpt, list(tcfg.init_parts), stats, record)
+
+
+def trained_run(source: str, what: str, with_stats: bool = True) -> tuple:
+    """(checkpoint, its run's run.json, its dense transforms or None) of a run directory,
+    checkpoint directory or step-N checkpoint (`source`, named as `what` in errors), checked:
+    an embedding layout this release reads, and the very statistics the run trained with."""
+    ckpt, home = resolve_parent(source, what)
+    record = read_json(home, identity.RUN_FILE, f"{what} {source!r}: no {identity.RUN_FILE} beside checkpoint "
+                       f"{ckpt}: cannot tell what trained it")
+    check_layout(record, ckpt)
+    stats = read_json(home, STATS_FILE, f"{what} {source!r}: no {STATS_FILE} beside checkpoint {ckpt} (the dense "
+                      f"transforms it was trained with); a warm start can refit them (trainer.refit_transforms = "
+                      f"true)") if with_stats else None
+    if stats is not None:
+        check_stats(record, stats, ckpt)
+    return ckpt, record, stats
 
 
 def resolve_parent(uri: str, what: str = "trainer.init_from =") -> tuple:
@@ -185,9 +196,6 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
     if origin.kind == "fresh":
         return _begin(cfg, 0, Position(), src, record, summary)
     if origin.kind == "parent":
-        check_layout(origin.record, origin.checkpoint)
-        if origin.transforms is not None:
-            check_stats(origin.record, origin.transforms, origin.checkpoint)
         _check_parent(cfg, origin, record)
         step = checkpoint.read_progress(origin.checkpoint)[0]
         record["parent"] = {"checkpoint": origin.checkpoint, "step": step, "identity": identity.digest(origin.record),

@@ -78,3 +78,11 @@ def test_globs_over_directories_take_their_parquet_files_only(tmp_path):
     assert resolve_files([f"{tmp_path}/dt=2026-11-2*/"]) == [f"{tmp_path}/dt=2026-11-2{i}/part-0.parquet" for i in (0, 1)]
     assert resolve_files([f"{tmp_path}/dt=2026-11-2*"]) == resolve_files([f"{tmp_path}/dt=2026-11-2*/"])
     assert len(resolve_files([f"{tmp_path}/dt=*/*"])) == 3  # a file glob: _SUCCESS and .crc left out
+
+
+def test_a_missing_eval_group_column_is_named_from_the_footers(tmp_path):
+    pq.write_table(pa.table({"u": [1, 2], "g": ["a", "b"], "y": pa.array([0, 1], pa.int8())}), tmp_path / "e.parquet")
+    cfg = DataConfig(sparse=[SparseFeature("u", 5)], tasks=[Task("y")])
+    read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("g", "data.eval_group")])  # string groups: fine
+    with pytest.raises(DataError, match=r"e.parquet: missing column 'user' \(data.eval_group\)"):
+        read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("user", "data.eval_group")])

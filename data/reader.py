@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -38,6 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.batch import COUNTERS, Batch
 from data.errors import DataError
+from data import forkserver_guard
 from data.footers import Footers, id_value_type, is_string_like, read_footers, spread
 from data.hashing import hash64_distinct, hash_ids, hash_strings
 from data.position import assign_units, reader_order
@@ -46,7 +48,6 @@ from data.schema import DataConfig
 from data.transforms import FittedTransforms, fit, needs_sample
 
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WORKER_TIMEOUT_S = 900.0  # a DataLoader worker that sends no batch for this long is an error
 
 
@@ -249,18 +250,27 @@ class ChunkDecoder:
         if is_string_like(id_value_type(flat.type)):
             counters[COUNTERS.index("ids_hashed")] += len(flat)
             return hash_strings(flat, n)
-        if pa.types.is_dictionary(flat.type):  # dictionary-encoded integers
-            flat = flat.dictionary_decode()
-        ids = flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        ids = integer_ids(flat)
         if len(ids) and (ids.min() < 0 or ids.max() >= n):  # two reductions; masks only if needed
             out = (ids < 0) | (ids >= n)
             if self.cfg.id_policy == "error":
-                raise DataError(f"{path}: column {name!r} has id {int(ids[out][0])} outside [0, {n}) "
+                first = flat.to_numpy(zero_copy_only=False)[np.flatnonzero(out)[0]] if pa.types.is_uint64(
+                    flat.type) else ids[out][0]  # a uint64 above int64's range is shown as it is in the file
+                raise DataError(f"{path}: column {name!r} has id {int(first)} outside [0, {n}) "
                                 f"(data.id_policy = 'error'; use 'hash' to remap)")
             ids = ids.copy()  # never write into Arrow's buffers
             ids[out] = hash_ids(ids[out], n)
             counters[COUNTERS.index("ids_remapped")] += int(out.sum())
         return ids
+
+
+def integer_ids(flat: pa.Array) -> np.ndarray:
+    """Integer id values (no nulls, plain or dictionary-encoded) -> int64 [L]. A uint64 id above
+    int64's range wraps to a negative value, which id_policy then treats as out of range
+    (remapped by its hash, or an error), the same in the reader and in id health."""
+    if pa.types.is_dictionary(flat.type):
+        flat = flat.dictionary_decode()
+    return flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
 NO_GROUP = np.iinfo(np.int64).min  # a row whose group is null: in no group
@@ -401,7 +411,7 @@ def _die_with_parent(rank: int, _worker_id: int) -> None:
     holding memory, after the job has restarted."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        if libc.prctl(forkserver_guard.PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
             log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
         try:
             os.kill(rank, 0)
@@ -416,7 +426,10 @@ def worker_context():
     worker stuck at its first step, its rank polling it and the other rank waiting in a
     collective, with no timeout reached."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    # The death signal of a process started from a thread fires when that thread ends: only a
+    # forkserver started from the main thread is told to die with the rank (data.forkserver_guard).
+    os.environ[forkserver_guard.PARENT_ENV] = str(os.getpid()) if threading.current_thread() is threading.main_thread() else ""
+    ctx.set_forkserver_preload([forkserver_guard.__name__, __name__])
     return ctx
 
 
@@ -483,10 +496,11 @@ def id_health(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = No
         integer = pa.types.is_integer(flat.type)
         values = pc.unique(flat)  # the distinct sampled ids
         if integer:
-            v = values.to_numpy(zero_copy_only=False).astype(np.int64)
+            v = integer_ids(values)
             outside = (v < 0) | (v >= n)
             rows = np.where(outside, hash_ids(v, n), v)
-            remapped = pc.sum(pc.or_(pc.less(flat, 0), pc.greater_equal(flat, n))).as_py() or 0
+            every = integer_ids(flat)  # numpy, not Arrow compute: a uint64 above int64's range must not raise
+            remapped = int(((every < 0) | (every >= n)).sum())
         else:
             rows = hash_strings(values, n) if len(values) else np.zeros(0, np.int64)
             remapped = 0

@@ -30,8 +30,20 @@ class SparseFeature:
             self.column = self.name
         if not self.table and self.num_embeddings <= 0:
             raise ValueError(f"data.sparse {self.name}: num_embeddings must be > 0 (or name a shared table)")
+        _check_rows(f"data.sparse {self.name}", self.num_embeddings)
         if self.pooling not in POOLINGS:
             raise ValueError(f"data.sparse {self.name}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+# 2^47 rows (1.4e14): at dim 16 in fp32 that is 9 PB, beyond any cluster, and far enough below
+# int64 that rows x dim x bytes cannot overflow torch's size arithmetic (a traceback otherwise).
+MAX_TABLE_ROWS = 2 ** 47
+
+
+def _check_rows(where: str, rows: int) -> None:
+    if rows > MAX_TABLE_ROWS:
+        raise ValueError(f"{where}: num_embeddings {rows:.3g} is more than {MAX_TABLE_ROWS:.3g} rows, more than any "
+                         f"cluster can hold; hash the ids into fewer rows (data.id_policy = 'hash')")
 
 
 @dataclass
@@ -46,6 +58,7 @@ class EmbeddingTable:
     def __post_init__(self) -> None:
         if self.num_embeddings <= 0 or self.dim < 0:
             raise ValueError(f"data.tables {self.name}: num_embeddings must be > 0 and dim >= 0")
+        _check_rows(f"data.tables {self.name}", self.num_embeddings)
         if self.dim % 4:
             raise ValueError(f"data.tables {self.name}: dim {self.dim} is not a multiple of 4 (FBGEMM's "
                              f"embedding kernels need one)")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -54,7 +55,7 @@ def _setup_logging() -> None:
     silence_benign()
 
 
-def _log_to_file(out_dir: str) -> None:
+def _log_to_file(out_dir: str) -> Path:
     """Each rank's log in the run directory (torchx's local scheduler deletes its own on exit);
     a restarted attempt appends to it."""
     rank = os.environ.get("RANK", "0")
@@ -66,6 +67,7 @@ def _log_to_file(out_dir: str) -> None:
         raise RunError(f"trainer.out_dir {out_dir} is not writable (its log file {path}): {e}") from e
     handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank)))
     logging.root.addHandler(handler)
+    return path.parent
 
 
 def cmd_synth(args) -> int:
@@ -77,21 +79,66 @@ def cmd_synth(args) -> int:
 def cmd_train(args) -> int:
     from trainer.loop import train
     cfg = load_config(args.config, args.set)
-    _log_to_file(cfg.trainer.out_dir)
-    try:
-        train(cfg)
-    except RuntimeError as e:
-        if not _collective_failure(e):
-            raise
-        log.error("a collective failed on rank %s (another rank died, was killed or froze; a frozen rank "
-                  "is detected after trainer.pg_timeout_s = %gs): %s", os.environ.get("RANK", "0"),
-                  cfg.trainer.pg_timeout_s, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 3
-    return 0
+    logs = _log_to_file(cfg.trainer.out_dir)
+    return run_rank(lambda: train(cfg), logs, cfg.trainer.pg_timeout_s)
 
 
 COLLECTIVE_FAILURES = ("timeout", "timed out", "pair closure", "connection reset", "connection closed",
                        "connection refused", "nccl", "gloo")
+FAILURE_NOTE = "failed-rank{rank}.txt"  # in the run's logs/: the first line of a rank's own error
+NOTE_WAIT_S = 3.0  # how long a rank left in a failed collective looks for the failed rank's note
+
+
+def run_rank(fn, logs: Path, pg_timeout_s: float) -> int:
+    """fn() on this rank. A rank that fails on its own (bad data, a bug) leaves the first line of
+    its error in `logs` before it exits; a rank whose collective then fails (its peer is gone)
+    says which rank failed and what it said, instead of gloo's or NCCL's own words. -> exit code."""
+    rank, started = os.environ.get("RANK", "0"), time.time()
+    try:
+        fn()
+    except RuntimeError as e:
+        if not _collective_failure(e):
+            _note_failure(logs, rank, e)
+            raise
+        first = _first_failure(logs, rank, started)
+        if first:
+            log.error("rank %s failed: see its first error (%s): %s", first[0], logs / f"rank{first[0]}.log", first[1])
+        else:
+            log.error("a collective failed on rank %s (another rank died, was killed or froze; a frozen rank is "
+                      "detected after trainer.pg_timeout_s = %gs): %s", rank, pg_timeout_s,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 3
+    except Exception as e:  # noted for the other ranks, then reported as usual (see main)
+        _note_failure(logs, rank, e)
+        raise
+    return 0
+
+
+def _note_failure(logs: Path, rank: str, e: Exception) -> None:
+    text = str(e).splitlines()[0] if str(e) else ""
+    if not isinstance(e, (ConfigError, DataError, RunError, FileNotFoundError)):
+        text = f"{type(e).__name__}: {text}"
+    try:
+        (logs / FAILURE_NOTE.format(rank=rank)).write_text(text + "\n")
+    except OSError:  # the note is a courtesy to the other ranks; the error itself is what matters
+        pass
+
+
+def _first_failure(logs: Path, rank: str, since: float) -> Optional[tuple]:
+    """(rank, first line) of the earliest note another rank left in this attempt, if any."""
+    deadline = time.time() + NOTE_WAIT_S
+    while True:
+        notes = []
+        for p in logs.glob(FAILURE_NOTE.format(rank="*")):
+            other = p.name[len("failed-rank"):-len(".txt")]
+            try:
+                if other != rank and p.stat().st_mtime >= since:
+                    notes.append((p.stat().st_mtime, other, p.read_text().strip()))
+            except OSError:
+                continue
+        if notes or time.time() > deadline:
+            return min(notes)[1:] if notes else None
+        time.sleep(0.2)
 
 
 def _collective_failure(e: RuntimeError) -> bool:

@@ -10,9 +10,16 @@ PUT on object storage). ROOT is a local directory or any fsspec URI (`trainer.ch
 fsspec package: s3fs for s3://, gcsfs for gs://). Resume takes `latest`
 if it names a complete checkpoint, else (with a warning) the newest complete one; incomplete
 directories are removed at start; the newest `keep` complete ones are kept.
+
+Each step directory also holds `digests.json`: the SHA-256 and size of every file DCP wrote,
+computed after the save (the ranks share the files) and checked before every load. DCP checks
+no content: a shard damaged after the save (a bit flip on disk, a partial copy between stores)
+that still decodes to finite numbers would otherwise be trained on, silently.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -36,6 +43,8 @@ from trainer.preflight import agreed
 log = logging.getLogger(__name__)
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+DIGESTS = "digests.json"
+DIGEST_CHUNK = 8 * 2**20
 
 
 def _is_main() -> bool:
@@ -167,8 +176,10 @@ class CheckpointDir:
         except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
             full = "; the disk is full: No space left on device" if self._full() else ""
             raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): {_cause(e)}") from e
+        digests = _digests(ckpt)
         if _is_main():  # after every rank finished its part
             name = os.path.basename(ckpt)
+            self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}", json.dumps(digests, indent=1, sort_keys=True).encode())
             if self.remote:  # one PUT: readers see the old object or the new one
                 self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
             else:
@@ -254,6 +265,62 @@ def part_of(key: str) -> str:
     return "balancer" if top == "model" and rest.startswith(BALANCER_PREFIX) else top
 
 
+def _share(names: Sequence[str]) -> List[str]:
+    """This rank's share of a checkpoint's files to hash: every world-th name."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return sorted(names)[rank::world]
+
+
+def _listing(ckpt: str) -> Tuple[object, str, List[str]]:
+    fs, root = fsspec.core.url_to_fs(str(ckpt))
+    fs.invalidate_cache()  # DCP wrote through another client (s3fs caches listings)
+    return fs, root, [os.path.basename(p) for p in fs.ls(root, detail=False) if os.path.basename(p) != DIGESTS]
+
+
+def _digests(ckpt: str) -> Dict[str, List]:
+    """{file name: [sha256 hex, bytes]} of every file of the checkpoint but DIGESTS (the ranks
+    share the hashing; the whole dict on every rank)."""
+    def mine():
+        fs, root, names = _listing(ckpt)
+        return {n: _hash(fs, f"{root}/{n}") for n in _share(names)}
+    parts: List[Dict[str, List]] = [agreed(mine)]  # a rank's failure is every rank's, not a hang
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: List[Dict[str, List]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def _hash(fs, path: str) -> List:
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(DIGEST_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return [h.hexdigest(), size]
+
+
+def verify(path: str) -> None:
+    """On each rank, its share of checkpoint `path`'s files are those the save digested
+    (CheckpointError naming the first that differs; run under `agreed`). A checkpoint written
+    before digests were kept loads with a warning."""
+    fs, root, names = _listing(path)
+    if not fs.isfile(f"{root}/{DIGESTS}"):
+        if _is_main():
+            log.warning("checkpoint %s has no %s (written by an earlier release): its files cannot be checked",
+                        path, DIGESTS)
+        return
+    written = json.loads(fs.cat_file(f"{root}/{DIGESTS}"))
+    for name in _share(set(written) | set(names)):
+        found = _hash(fs, f"{root}/{name}") if name in names else None
+        if found != written.get(name):
+            what = ("is missing" if found is None else "was not written by the save" if name not in written
+                    else f"differs from what the save wrote ({found[1]} bytes, sha256 {found[0][:12]}... against "
+                         f"{written[name][1]} bytes, sha256 {written[name][0][:12]}...)")
+            raise CheckpointError(f"checkpoint {path}: file {name} {what}: it was changed or damaged after the "
+                                  f"save; load an earlier checkpoint (trainer.init_from) or restore this one")
+
+
 @dataclass
 class Loaded:
     step: int
@@ -265,6 +332,7 @@ def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
     """Loads `parts` of a checkpoint in place (DCP reshards to this world and plan), after
     checking that they fit this model (every key there, same global shapes) and, after
     loading, that every loaded tensor is finite (agreed across ranks)."""
+    agreed(lambda: verify(path))  # every rank computes the same verdict from the same files
     meta = read_metadata(path)
     if "optim" in parts:
         # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP

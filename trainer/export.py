@@ -114,7 +114,8 @@ def export(source: str, out: str, dtype: str = "int8") -> Dict:
 
 def _load(ckpt: str, model: MultiTaskDCN) -> None:
     """The checkpoint's model tensors, whole, into `model` (DCP gathers the shards), checked to
-    fit and to be finite."""
+    fit and to be finite; its files first checked against their digests."""
+    checkpoint.verify(ckpt)
     state = {f"model.model.{k}": v for k, v in model.state_dict().items()}
     meta = checkpoint.read_metadata(ckpt)
     checkpoint.check_fits(ckpt, meta, state, ("model",), set(state))

@@ -86,3 +86,16 @@ def test_a_missing_eval_group_column_is_named_from_the_footers(tmp_path):
     read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("g", "data.eval_group")])  # string groups: fine
     with pytest.raises(DataError, match=r"e.parquet: missing column 'user' \(data.eval_group\)"):
         read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("user", "data.eval_group")])
+
+
+def test_uint64_ids_above_int64_are_measured_and_named(tmp_path):
+    from data.reader import id_health
+    big = [1, 2**63 + 5, 3, 2**64 - 1]
+    pq.write_table(pa.table({"u": pa.array(big, pa.uint64()), "y": pa.array([0, 1, 0, 1], pa.int8())}),
+                   tmp_path / "u.parquet")
+    cfg = DataConfig(train=[str(tmp_path / "u.parquet")], sparse=[SparseFeature("u", 8)], tasks=[Task("y")],
+                     num_workers=0, batch_size=4, id_policy="error")
+    health = id_health(read_footers(cfg.train, cfg), cfg)["u"]  # used to raise ArrowInvalid, naming nothing
+    assert health["remapped_share"] == 0.5 and health["sampled_distinct_ids"] == 4
+    with pytest.raises(DataError, match=r"u\.parquet: column 'u' has id 9223372036854775813 outside \[0, 8\)"):
+        list(DataSource(cfg.train, cfg, 0, 1).batches(0))

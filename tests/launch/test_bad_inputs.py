@@ -50,6 +50,13 @@ def test_plan_on_no_nodes_is_refused():
         simulate(RunConfig(), 0, 8, 80.0)
 
 
+def test_a_table_no_tensor_can_hold_is_refused_by_the_config():
+    for section in ({"sparse": [{"name": "u", "num_embeddings": 10**18}]},
+                    {"tables": [{"name": "t", "num_embeddings": 10**18}], "sparse": [{"name": "u", "table": "t"}]}):
+        with pytest.raises(ConfigError, match="num_embeddings 1e\\+18 is more than 1.41e\\+14 rows"):
+            from_dict(RunConfig, {"data": section})
+
+
 def test_small_checkpoints_are_sized_in_mib():
     from trainer.preflight import _size
     assert _size(5 * 2**20) == "5.00 MiB" and _size(3 * 2**30) == "3.00 GiB"

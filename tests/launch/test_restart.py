@@ -1,5 +1,6 @@
 """Faults through the real launcher (torchx local_cwd -> torchrun, 2 gloo ranks): a killed rank
-restarts the job, which resumes and ends in the state of an uninterrupted run; a frozen rank
+restarts the job, which resumes and ends in the state of an uninterrupted run, and leaves none
+of its own processes (forkserver, DataLoader workers) behind; a frozen rank
 ends the job with an error after trainer.pg_timeout_s instead of hanging."""
 import json
 import os
@@ -61,9 +62,13 @@ def test_killed_rank_restarts_resumes_and_matches_the_straight_run(tiny_synth, t
     proc = subprocess.Popen(_cmd(tiny_synth, out, "--max-restarts", "1"), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _when_checkpointed(out, proc)
-    os.kill(_rank_pid(1, out), signal.SIGKILL)
+    rank = _rank_pid(1, out)
+    descendants = _descendants(rank)  # its forkserver, DataLoader worker and resource tracker
+    assert len(descendants) >= 2, descendants
+    os.kill(rank, signal.SIGKILL)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-4000:]
+    assert not [p for p in descendants if Path(f"/proc/{p}").exists()], "the killed rank's processes live on"
     assert "resumed from" in log
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
@@ -71,6 +76,17 @@ def test_killed_rank_restarts_resumes_and_matches_the_straight_run(tiny_synth, t
     assert b["final_weights"] == a["final_weights"] and b["eval"] == a["eval"]
     assert b["train_reader"] == a["train_reader"]  # every attempt's rows, each once (3 epochs x 12,000 rows)
     _assert_no_process_left(out)
+
+
+def _descendants(pid: int) -> list:
+    children = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(p.name))
+        except OSError:
+            continue
+    return children + [d for c in children for d in _descendants(c)]
 
 
 def _assert_no_process_left(out: Path) -> None:

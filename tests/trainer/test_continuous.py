@@ -89,7 +89,8 @@ def _one_rank(raw, root, day2):
                          ("tasks", "data.tasks=[{name='ctr'}, {name='cvr'}]"), ("optim", "optim.dense=sgd"),
                          ("bad_parent", "trainer.init_from=/nonexistent/run"),
                          ("nonfinite", f"trainer.init_from={root}/corrupt/step-{PARENT_STEPS:09d}"),
-                         ("edited_stats", f"trainer.init_from={root}/edited")):
+                         ("edited_stats", f"trainer.init_from={root}/edited"),
+                         ("flipped", f"trainer.init_from={root}/flipped")):
         overrides = [f"trainer.out_dir={root}/refused_{name}", f"trainer.init_from={root}/parent", *new,
                      "trainer.max_steps=2", change]
         if name == "rows":  # (a list element: set through the dict)
@@ -137,6 +138,14 @@ def scenarios(tiny_synth, tmp_path_factory):
     stats = json.loads((root / "parent" / "dense_stats.json").read_text())
     stats["mean"][0] += 1.0
     (root / "edited" / "dense_stats.json").write_text(json.dumps(stats))
+    # a copy of the parent's final checkpoint with one byte of a shard changed after the save
+    shutil.copytree(last, root / "flipped" / f"step-{PARENT_STEPS:09d}")
+    for name in ("run.json", "dense_stats.json"):
+        shutil.copy(root / "parent" / name, root / "flipped" / name)
+    shard = root / "flipped" / f"step-{PARENT_STEPS:09d}" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
     one = run_ranks(_one_rank, (raw, str(root), data_section(day2)), world=1)[0]
     two = run_ranks(_two_ranks, (raw, str(root), data_section(day2)))[0]
     return root, raw, None, stopped, one, two
@@ -230,6 +239,7 @@ def test_warm_start_records_its_parent_and_trains_from_step_0(scenarios):
     ("bad_parent", r"trainer.init_from = '/nonexistent/run': no checkpoint there"),
     ("nonfinite", r"holds non-finite values: optim.state.model.ebc.embedding_bags.t_user_id.weight.t_user_id"
                   r".momentum1 \(1 non-finite value"),
+    ("flipped", r"flipped/step-000000012: file __1_0.distcp differs from what the save wrote \(\d+ bytes, sha256"),
     ("edited_stats", r"dense_stats.json beside checkpoint .*edited/step-000000012 is not the one its run was trained "
                      r"with"),
 ])

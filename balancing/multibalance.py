@@ -82,10 +82,17 @@ class MultiBalanceConfig:
     rescale: str = "paper"
     # "paper": lambda - beta D (eq. 12); "capped": beta capped by a stability bound of the Gram
     step: str = "paper"
+    # tracked Gram (beyond the paper): eta > 0 takes lambda's step on an EMA of the global Gram,
+    # G~ <- (1 - eta) G~ + eta G_t over the pairs of tasks with a gradient at the step (a stand-in
+    # for an industrial global batch: the step sees the tasks' lasting geometry, not one batch's
+    # noise); this step's gradients are still the ones combined. 0: the step's own Gram (paper)
+    gram_ema: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rescale not in RESCALES or self.step not in STEPS:
             raise ValueError(f"balancer.multibalance: rescale must be one of {RESCALES} and step one of {STEPS}")
+        if not 0.0 <= self.gram_ema <= 1.0:
+            raise ValueError(f"balancer.multibalance.gram_ema must be in [0, 1], got {self.gram_ema}")
         if self.rescale == "magnitude" and self.deferred:
             raise ValueError("balancer.multibalance: rescale = 'magnitude' needs this step's gradient norms, which "
                              "the deferred form does not have: set deferred = false, or rescale = 'paper'")
@@ -123,12 +130,15 @@ def stability_cap(gram_v: List[List[float]], active: List[bool], cosine: bool, n
 
 
 def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[float], u: Sequence[float],
-                             prior: Sequence[float], cfg: MultiBalanceConfig, factor: float = 1.0
+                             prior: Sequence[float], cfg: MultiBalanceConfig, factor: float = 1.0,
+                             tracked: Optional[Sequence[Sequence[float]]] = None
                              ) -> Tuple[List[float], List[float], List[float], List[float]]:
     """One step of Algorithm 3 from the Gram matrix factor * gram alone, in Python floats.
 
     gram [M][M], lam [M] (on the simplex), u [M] (EMA of norms; 0 = not yet seen), prior [M].
-    Returns (new lambda, new u, s, n), with v_m = s_m g_m and n_m = ||g_m||. Plain loops: this
+    Returns (new lambda, new u, s, n), with v_m = s_m g_m and n_m = ||g_m||. `tracked` [M][M]
+    (gram_ema > 0, global units): the Gram lambda's direction and step bound are computed from
+    instead of this step's (norms, u and the active tasks stay this step's). Plain loops: this
     runs cold once per step, where every Python object it creates costs."""
     m = len(lam)
     n = [math.sqrt(max(gram[i][i] * factor, 0.0)) for i in range(m)]
@@ -139,11 +149,13 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
         u_new = [ni if ni > 0 else ui for ni, ui in zip(n, u)]
     s = _scales(n, u_new, cfg)  # line 7
     d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
-    gram_v = [[gram[i][j] * factor * s[i] * s[j] for j in range(m)] for i in range(m)]  # Gram(V) = S G S
+    src, f, vn = (gram, factor, n) if tracked is None else (tracked, 1.0, [math.sqrt(max(tracked[i][i], 0.0))
+                                                                         for i in range(m)])
+    gram_v = [[src[i][j] * f * s[i] * s[j] for j in range(m)] for i in range(m)]  # Gram(V) = S G S
     direction = [sum(gram_v[i][j] * d[j] for j in range(m)) for i in range(m)]  # <v_i, V d>
     norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
     if cfg.cosine:
-        direction = [x / max(s[i] * n[i] * norm_a, EPS) for i, x in enumerate(direction)]
+        direction = [x / max(s[i] * vn[i] * norm_a, EPS) for i, x in enumerate(direction)]
     beta = cfg.beta
     if cfg.step == "capped":
         beta = min(beta, stability_cap(gram_v, active, cfg.cosine, norm_a))
@@ -152,10 +164,11 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
 
 
 def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, prior: torch.Tensor,
-                        cfg: MultiBalanceConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        cfg: MultiBalanceConfig, tracked: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`multibalance_update_host` as sync-free tensor ops (the exact form on an accelerator, where
     the Gram is this step's and reading it would stall the device queue): gram [M, M], lam, u,
-    prior [M] -> (new lambda, new u, s, n), all [M]."""
+    prior [M], tracked [M, M] or None -> (new lambda, new u, s, n), all [M]."""
     n = gram.diagonal().clamp(min=0).sqrt()  # [M]
     active = n > 0
     if cfg.ema:
@@ -167,18 +180,19 @@ def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, 
     else:
         u_new = torch.where(active, n, u)
         s = active.to(gram.dtype)
-    gram_v = gram * torch.outer(s, s)  # [M, M] Gram of V
+    src, vn_g = (gram, n) if tracked is None else (tracked, tracked.diagonal().clamp(min=0).sqrt())
+    gram_v = src * torch.outer(s, s)  # [M, M] Gram of V
     d = torch.add(lam, prior, alpha=cfg.rho)  # [M]
     direction = gram_v @ d  # [M]: <v_m, V d>
     if cfg.cosine:
         norm_a = (d @ direction).clamp(min=0).sqrt()  # ||V d||
-        direction = direction / (s * n * norm_a).clamp(min=EPS)  # ||v_m|| = s_m n_m
+        direction = direction / (s * vn_g * norm_a).clamp(min=EPS)  # ||v_m|| = s_m n_m
     beta = cfg.beta
     if cfg.step == "capped":  # `stability_cap` as tensor ops
         act = active.to(gram.dtype)
         a = gram_v * torch.outer(act, act)
         if cfg.cosine:
-            vn = s * n
+            vn = s * vn_g
             a = a / torch.outer(vn, vn).sqrt().clamp(min=EPS) / norm_a.clamp(min=EPS)
         bound = torch.minimum(a.diagonal().sum(), a.abs().sum(1).max())
         beta = (1.0 / bound.clamp(min=EPS)).clamp(max=cfg.beta)
@@ -202,10 +216,11 @@ def combination(lam: Sequence[float], u: Sequence[float], s: Sequence[float], cf
     """c [M]: the shared layers receive sum_m c_m g_m (times M under scale_by_tasks), eq. line 11.
 
     rescale "paper": c_m = mean(u) lambda_m / u_m, i.e. mean(u) sum_m lambda_m v_m. v_m = g_m / u_m
-    has norm about 1 whatever the loss scale; mean(u) (the running gradient magnitude) restores
-    the size of the gradient the optimizer would get from equal weights (uniform lambda and equal
-    magnitudes give sum_m g_m / M exactly), so SGD learning rates and Adam's epsilon keep their
-    meaning. u is known at the step (the EMA up to the Gram just used), so the deferred form
+    has norm about 1 whatever the loss scale; mean(u) (the running gradient magnitude) keeps the
+    overall size near that of equal weights, so SGD learning rates and Adam's epsilon keep their
+    meaning. Even at uniform lambda this is magnitude equalisation, not equal weights: task m is
+    weighted mean(u) / (M u_m), a rare task's small gradient scaled up; only equal magnitudes
+    give sum_m g_m / M. u is known at the step (the EMA up to the Gram just used), so the deferred form
     applies it to this step's gradients as the exact form does: no task is dropped or
     amplified by the previous batch's labels. A task never seen yet (u_m = 0) passes at the
     mean magnitude (c_m = lambda_m).
@@ -250,9 +265,12 @@ class MultiBalance(GradientBalancer):
         self.register_buffer("moved", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("last_delta", torch.zeros(num_tasks), persistent=False)
         self.register_buffer("update_count", torch.zeros(()), persistent=False)
+        if cfg.gram_ema > 0:  # G~ [M, M], checkpointed (only then: other runs' checkpoints keep their keys)
+            self.register_buffer("gram_tracked", torch.zeros(num_tasks, num_tasks))
         # (lambda, u) as Python floats after a host step: read back from the buffers, which may
         # live on an accelerator, only when unset (first step, after a load or a tensor step)
         self._host: Optional[Tuple[List[float], List[float]]] = None
+        self._last_gram: Optional[Tuple[torch.Tensor, float]] = None  # the last step's (Gram, factor), for stats
 
     def deferred_gram(self) -> Optional[DeferredGram]:
         return self.deferred
@@ -273,7 +291,10 @@ class MultiBalance(GradientBalancer):
         scale c_m [M] of the gradients passed on (`combination`), on the buffers' device."""
         if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
             lam0, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
-            lam, u, s, n = multibalance_update_host(gram.tolist(), lam0, u, self._prior, self.cfg, factor)
+            g = gram.tolist()
+            self._last_gram = (gram, factor)
+            tracked = self._track_host(g, factor) if self.cfg.gram_ema > 0 else None
+            lam, u, s, n = multibalance_update_host(g, lam0, u, self._prior, self.cfg, factor, tracked)
             self._count_reversals(lam0, lam)
             coef = combination(lam, u, s, self.cfg)
             state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
@@ -286,7 +307,10 @@ class MultiBalance(GradientBalancer):
             lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
         else:
             gram = gram.to(self.weights.dtype) * factor
-            lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg)
+            self._last_gram = (gram, 1.0)
+            tracked = self._track(gram) if self.cfg.gram_ema > 0 else None
+            lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg,
+                                                       tracked)
             delta = lam_t - self.weights
             self.reversals += (delta * self.last_delta < 0).to(self.reversals.dtype)  # no sync
             self.moved += delta.abs()
@@ -300,6 +324,29 @@ class MultiBalance(GradientBalancer):
         self.grad_norm.copy_(n_t)
         self.grad_norm_balanced.copy_(balanced)
         return coef_t
+
+    def _track_host(self, gram: List[List[float]], factor: float) -> List[List[float]]:
+        """G~ <- (1 - eta) G~ + eta factor G on the pairs of tasks that have a gradient now (a pair
+        seen for the first time takes this step's value) -> G~ as the buffer holds it (float32,
+        so that a resumed run continues with exactly the straight run's state)."""
+        eta, m = self.cfg.gram_ema, len(gram)
+        old = self.gram_tracked.tolist()
+        now = [gram[i][i] > 0 for i in range(m)]
+        seen = [old[i][i] > 0 for i in range(m)]
+        new = [[(old[i][j] + eta * (gram[i][j] * factor - old[i][j]) if seen[i] and seen[j] else gram[i][j] * factor)
+                if now[i] and now[j] else old[i][j] for j in range(m)] for i in range(m)]
+        kept = torch.tensor(new, dtype=self.gram_tracked.dtype)
+        self.gram_tracked.copy_(kept)
+        return kept.tolist()
+
+    def _track(self, gram: torch.Tensor) -> torch.Tensor:
+        """`_track_host` as sync-free tensor ops; gram [M, M] in global units."""
+        old = self.gram_tracked
+        now, seen = gram.diagonal() > 0, old.diagonal() > 0
+        both_now, both_seen = torch.outer(now, now), torch.outer(seen, seen)
+        new = torch.where(both_now, torch.where(both_seen, torch.lerp(old, gram, self.cfg.gram_ema), gram), old)
+        self.gram_tracked.copy_(new)
+        return self.gram_tracked
 
     def _count_reversals(self, old: List[float], new: List[float]) -> None:
         """Per task: did lambda_m's update change direction? (host floats; see `stats`)"""
@@ -322,18 +369,33 @@ class MultiBalance(GradientBalancer):
         updates = self._updates + int(self.update_count)  # (a read at log / check steps only)
         if updates == 0 and self._window is not None:
             # a second read at the same step (the guard's, then the log's): the same window
-            out["lambda_reversal"], out["lambda_step"] = self._window
+            out["lambda_reversal"], out["lambda_step"], out["grad_cosine"] = self._window
             return out
         steps = max(updates, 1)
         rev = (self.reversals.cpu() + torch.tensor(self._reversals)) / steps
         moved = (self.moved.cpu() + torch.tensor(self._moved)) / steps
         out["lambda_reversal"], out["lambda_step"] = rev.to(self.weights.device), moved.to(self.weights.device)
-        self._window = (out["lambda_reversal"], out["lambda_step"])
+        out["grad_cosine"] = self._mean_cosine()
+        self._window = (out["lambda_reversal"], out["lambda_step"], out["grad_cosine"])
         self._maybe_warn(float(rev.mean()), float(moved.mean()), updates)
         self._reversals, self._moved, self._updates = [0] * self.num_tasks, [0.0] * self.num_tasks, 0
         for counts in (self.reversals, self.moved, self.update_count):
             counts.zero_()
         return out
+
+    def _mean_cosine(self) -> torch.Tensor:
+        """[M]: per task, the mean cosine of its representation gradient (global batch) to the
+        other tasks' with a gradient, at the last step (a sample per log window: no cost in the
+        steps between); 0 for a task without gradient, or before any step."""
+        out = torch.zeros(self.num_tasks, dtype=self.weights.dtype)
+        if self._last_gram is not None:
+            gram = self._last_gram[0].detach().to("cpu", torch.float64) * self._last_gram[1]
+            norm = gram.diagonal().clamp(min=0).sqrt()
+            live = norm > 0
+            if int(live.sum()) >= 2:
+                cos = gram / torch.outer(norm, norm).clamp(min=EPS) * torch.outer(live, live)
+                out = ((cos.sum(1) - cos.diagonal()) / (int(live.sum()) - 1) * live).to(out.dtype)
+        return out.to(self.weights.device)
 
     def _maybe_warn(self, reversal: float, step: float, updates: int) -> None:
         """Warns when, over at least OSCILLATION_MIN_STEPS updates (summed over log windows), lambda

@@ -516,6 +516,24 @@ def id_health(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = No
     return out
 
 
+def base_rates(sample: Optional[pa.Table], cfg: DataConfig) -> List[Optional[float]]:
+    """Per task, from the sampled training row groups: the weighted mean of its labels over its
+    labelled rows (a binary task's positive rate, a regression task's mean label); None where
+    the sample holds no labelled row (or the task is unlabelled). Values the reader would refuse
+    (a binary label outside {0, 1}, a bad weight) are left out here: the reader names them."""
+    out: List[Optional[float]] = []
+    for t in cfg.tasks:
+        if sample is None or t.name in cfg.unlabelled or t.column not in sample.column_names:
+            out.append(None)
+            continue
+        y = _as_float_matrix(sample, [t.column])[:, 0].astype(np.float64)  # [R], NaN where null
+        w = np.ones_like(y) if not t.weight else np.nan_to_num(_as_float_matrix(sample, [t.weight])[:, 0], nan=0.0)
+        ok = np.isfinite(y) & np.isfinite(w) & (w >= 0) & ((y == 0) | (y == 1) if t.kind == "binary" else True)
+        total = float(w[ok].sum())
+        out.append(float((w[ok] * y[ok]).sum() / total) if total > 0 else None)
+    return out
+
+
 def fit_transforms(footers: Footers, cfg: DataConfig, sample: Optional[pa.Table] = None) -> FittedTransforms:
     """The dense transforms of a run, fitted on its training split (reads a sample only if
     needed and none is given)."""

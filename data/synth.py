@@ -7,8 +7,11 @@ Scenarios (`synth.scenario`):
   - "ads" (default, the demo's): CTR, CVR given a click, conversion per impression; tasks that
     partly conflict (data/scenarios/ads.py);
   - "feeds": six engagement actions on every impression (long view, click, like, comment,
-    share, follow; base rates 30 % .. 0.1 %) driven by shared user-interest and item factors
-    (data/scenarios/feeds.py).
+    share, follow; base rates 30 % .. 0.1 %) driven by shared user-interest and item factors,
+    each label an independent Bernoulli given the row (data/scenarios/feeds.py);
+  - "feeds_funnel": the same six actions with the structure of real feed logs: the deep
+    actions happen only on long-viewed or clicked impressions, and a per-impression engagement
+    factor (in no column) moves every action together (data/scenarios/feeds_funnel.py).
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from typing import Dict, List
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.scenarios import ads, feeds
+from data.scenarios import ads, feeds, feeds_funnel
 
 log = logging.getLogger(__name__)
-SCENARIOS = {"ads": ads, "feeds": feeds}
+SCENARIOS = {"ads": ads, "feeds": feeds, "feeds_funnel": feeds_funnel}
 
 
 @dataclass

@@ -30,15 +30,22 @@ class ModelConfig:
     shared_arch: List[int] = field(default_factory=lambda: [128, 32])  # last = n'
     head_arch: List[int] = field(default_factory=lambda: [32])  # hidden sizes of each head
     embedding_precision: str = "fp32"  # "fp32" or "fp16" table weights
+    # each head's output bias at a fresh start: "base_rate" (logit of a binary task's training
+    # positive rate, a regression task's label mean: the model starts at the constant predictor
+    # with the lowest loss, not at p = 0.5), "zero", or "uniform" (nn.Linear's init)
+    head_bias_init: str = "base_rate"
 
     def __post_init__(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
             raise ValueError(f"model.embedding_dim {self.embedding_dim} must be a positive multiple of 4 "
                              f"(FBGEMM's embedding kernels need one)")
+        if self.head_bias_init not in HEAD_BIAS_INITS:
+            raise ValueError(f"model.head_bias_init must be one of {HEAD_BIAS_INITS}, got {self.head_bias_init!r}")
         if not self.shared_arch or not self.dense_arch:
             raise ValueError("model.shared_arch and model.dense_arch need at least one layer each")
 
 
+HEAD_BIAS_INITS = ("base_rate", "zero", "uniform")
 PRECISIONS = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
@@ -82,6 +89,11 @@ class TaskHeads(nn.Module):
         super().__init__()
         sizes = [in_features, *hidden, 1]
         self.layers = nn.ModuleList(BatchedLinear(num_tasks, i, o, device) for i, o in zip(sizes, sizes[1:]))
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """bias [M]: each head's output (logit) bias."""
+        self.layers[-1].bias.copy_(bias.reshape(-1, 1, 1).to(self.layers[-1].bias))
 
     def forward(self, hs: torch.Tensor) -> torch.Tensor:
         """hs [M, B, n'] -> logits [B, M]."""

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,24 @@ def build_train_module(data: DataConfig, model_cfg: ModelConfig, balancer_cfg, d
     model = MultiTaskDCN(ebc, len(data.dense), len(data.tasks), model_cfg, device)
     return MultiTaskTrain(model, build_balancer(balancer_cfg, len(data.tasks)).to(device), loss_normalization,
                           autocast_dtype(precision), device.type, [t.kind == "regression" for t in data.tasks])
+
+
+BASE_RATE_CLAMP = 1e-5  # a binary rate of 0 or 1 in the sample: the bias stays finite (|logit| <= 11.5)
+
+
+def head_bias(init: str, rates: Sequence[Optional[float]], tasks: Sequence) -> Optional[torch.Tensor]:
+    """Each head's output bias at a fresh start (model.head_bias_init) -> [M] float32, or None
+    ("uniform": nn.Linear's init stays). "base_rate": logit(p) of a binary task's sampled training
+    positive rate p, the mean label of a regression task: the constant predictor with the lowest
+    loss, where the loss starts (0 where the sample had no labelled row). "zero": p = 0.5."""
+    if init == "uniform":
+        return None
+    out = torch.zeros(len(tasks), dtype=torch.float64)
+    for m, (task, rate) in enumerate(zip(tasks, rates)):
+        if init == "base_rate" and rate is not None:
+            p = torch.tensor(rate, dtype=torch.float64)
+            out[m] = torch.logit(p.clamp(BASE_RATE_CLAMP, 1 - BASE_RATE_CLAMP)) if task.kind == "binary" else p
+    return out.float()
 
 
 def make_planner(ebc: EmbeddingBagCollection, optim: OptimConfig, sharding_types: List[str], device_type: str,

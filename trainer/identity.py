@@ -30,7 +30,8 @@ FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
         "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device",
-        "trainer.partial_units", "data.unlabelled", "data.eval_group")
+        "trainer.partial_units", "data.unlabelled", "data.eval_group",
+        "model.head_bias_init")  # (read at a fresh start only: a resumed model's biases are its checkpoint's)
 # keys added after run.json files were first written: a record without one was trained with this value
 ADDED = {"trainer.init_from": "", "trainer.init_parts": ["model", "optim", "balancer"],
          "trainer.refit_transforms": False}

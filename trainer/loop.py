@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from data.batch import COUNTERS
 from data.footers import Footers, read_footers
-from data.reader import NO_GROUP, DataSource, fit_transforms, id_health, sample_table
+from data.reader import NO_GROUP, DataSource, base_rates, fit_transforms, id_health, sample_table
 from data.transforms import FittedTransforms
 
 from trainer import checkpoint, identity, start
-from trainer.build import build_train_module, build_training, init_distributed
+from trainer.build import build_train_module, build_training, head_bias, init_distributed
 from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
@@ -150,6 +150,11 @@ def _prepare(cfg, env) -> Run:
     agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
+    bias = head_bias(cfg.model.head_bias_init, train_src.base_rates, cfg.data.tasks)
+    if bias is not None:  # a resume or warm start then loads the checkpoint's biases over it
+        module.model.heads.set_output_bias(bias)
+    if env.is_main:
+        _log_head_bias(cfg, train_src.base_rates, bias)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
     begin = agreed(lambda: start.plan(cfg, origin, ident, train_src, out, ckpts))
@@ -170,6 +175,15 @@ def _prepare(cfg, env) -> Run:
                                   tcfg.keep_checkpoints))
     return Run(out, tasks, ckpts, train_src, eval_src, begin.total, dmp, optimizer, pipeline, begin.step,
                begin.timeline, begin.summary, carried)
+
+
+def _log_head_bias(cfg, rates, bias: Optional[torch.Tensor]) -> None:
+    parts = []
+    for m, (task, rate) in enumerate(zip(cfg.data.tasks, rates)):
+        what = "rate" if task.kind == "binary" else "mean"
+        parts.append(f"{task.name} {what} {'unknown' if rate is None else f'{rate:.6g}'}"
+                     + ("" if bias is None else f" -> {float(bias[m]):.4f}"))
+    log.info("head output biases (model.head_bias_init = %r): %s", cfg.model.head_bias_init, ", ".join(parts))
 
 
 def _train_steps(run: Run, tcfg, env, runlog: RunLog, desc: str) -> Tuple[int, float]:
@@ -216,22 +230,23 @@ def _sources(cfg, env, saved: Optional[dict]) -> Tuple[DataSource, DataSource]:
     broadcast; `saved`: the transforms to reuse (a resumed run's own, a warm start's parent's)."""
     def read() -> Tuple[Footers, Footers, FittedTransforms, Dict]:
         train = read_footers(cfg.data.train, cfg.data)
-        # one sample for both the transforms' statistics and the id health
-        columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse)]))
+        # one sample for the transforms' statistics, the id health and the heads' base rates
+        labels = [c for t in cfg.data.labelled_tasks for c in (t.column, t.weight) if c]
+        columns = list(dict.fromkeys([*cfg.data.dense, *(f.column for f in cfg.data.sparse), *labels]))
         sample = sample_table(train, cfg.data, columns)
         transforms = FittedTransforms(**saved) if saved is not None else fit_transforms(train, cfg.data, sample)
         group = [(cfg.data.eval_group, "data.eval_group")] if cfg.data.eval_group else []
         ev = read_footers(cfg.data.eval, cfg.data, extra=group)
         check_id_kinds(train.string_ids, ev, sorted({f.column for f in cfg.data.sparse}), "data.eval")
-        return train, ev, transforms, id_health(train, cfg.data, sample)
+        return train, ev, transforms, id_health(train, cfg.data, sample), base_rates(sample, cfg.data)
 
-    train, ev, transforms, health = on_main(read)
+    train, ev, transforms, health, rates = on_main(read)
     if env.is_main:
         log.info("dense transforms%s: %s", " (reused)" if saved is not None else "", transforms.describe())
     pin = env.device.type == "cuda"
     train_src = DataSource(cfg.data.train, cfg.data, env.rank, env.world_size, pin, train, transforms,
                            cfg.data.shuffle)
-    train_src.id_health = health
+    train_src.id_health, train_src.base_rates = health, rates
     return train_src, DataSource(cfg.data.eval, cfg.data, env.rank, env.world_size, pin, ev, transforms,
                                  group=cfg.data.eval_group)
 
@@ -247,7 +262,8 @@ def _summary(cfg, env, step: int, final: Dict, run: Run, t_train: float, balance
             "eval_files": eval_src.files, "eval": final, "train_reader": counters,
             "eval_reader": _all_reduce_counters(eval_src, env.device), "id_health": train_src.id_health,
             "train_seconds": t_train, "train_rows_per_s": counters["rows"] / max(t_train, 1e-9),
-            "final_weights": balancer.stats()["weight"].tolist()}
+            "final_weights": balancer.stats()["weight"].tolist(),
+            "head_bias": {"init": cfg.model.head_bias_init, "base_rates": train_src.base_rates}}
 
 
 def _flat(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:

@@ -28,7 +28,7 @@ def project_simplex_bisect(y: np.ndarray, mass: float = 1.0) -> np.ndarray:
 
 class ReferenceMultiBalance:
     def __init__(self, m: int, beta: float, rho: float, gamma: float, ema: bool, cosine: bool,
-                 scale_by_tasks: bool = True, rescale: str = "paper", step: str = "paper"):
+                 scale_by_tasks: bool = True, rescale: str = "paper", step: str = "paper", gram_ema: float = 0.0):
         self.lam = np.full(m, 1.0 / m)
         self.prior = np.full(m, 1.0 / m)
         self.u = np.zeros(m)
@@ -36,6 +36,7 @@ class ReferenceMultiBalance:
         self.beta, self.rho, self.gamma, self.ema, self.cosine = beta, rho, gamma, ema, cosine
         self.scale = m if scale_by_tasks else 1.0
         self.rescale, self.step_kind = rescale, step
+        self.gram_ema, self.tracked, self.tracked_seen = gram_ema, np.zeros((m, m)), np.zeros(m, bool)
 
     def step(self, g: np.ndarray) -> np.ndarray:
         """g [M, K] task gradients -> combined gradient [K]; updates lambda."""
@@ -52,6 +53,9 @@ class ReferenceMultiBalance:
                 v[i] = g[i] / self.u[i] if self.rescale == "paper" else self.u[i] / n * g[i]
             else:
                 v[i] = g[i]
+        if self.gram_ema > 0:
+            direction, beta = self._tracked_direction(g, v, active)
+            return self._finish(direction, beta, active, v)
         a = sum((self.lam[i] + self.rho * self.prior[i]) * v[i] for i in range(m))
         direction = np.array([v[i] @ a for i in range(m)])
         if self.cosine:
@@ -66,6 +70,39 @@ class ReferenceMultiBalance:
             if self.cosine:
                 jac = jac / np.sqrt(np.outer(vn, vn)) / np.linalg.norm(a)
             beta = min(beta, 1.0 / min(np.trace(jac), np.abs(jac).sum(1).max()))
+        return self._finish(direction, beta, active, v)
+
+    def _tracked_direction(self, g: np.ndarray, v: np.ndarray, active: np.ndarray):
+        """gram_ema > 0: an EMA of the Grams <g_i, g_j> over steps where both tasks have a gradient
+        (a pair's first value taken as it is), and the step computed from it: v_i = s_i g_i,
+        <v_i, v_j>~ = s_i s_j G~_ij, a~ = sum d_j v_j in that geometry."""
+        m = g.shape[0]
+        for i in range(m):
+            for j in range(m):
+                if active[i] and active[j]:
+                    gij = g[i] @ g[j]
+                    both = self.tracked_seen[i] and self.tracked_seen[j]
+                    self.tracked[i, j] = (1 - self.gram_ema) * self.tracked[i, j] + self.gram_ema * gij if both else gij
+        self.tracked_seen |= active
+        s = np.array([np.linalg.norm(v[i]) / np.linalg.norm(g[i]) if active[i] else 0.0 for i in range(m)])
+        gv = np.outer(s, s) * self.tracked
+        d = self.lam + self.rho * self.prior
+        direction = gv @ d
+        norm_a = np.sqrt(d @ gv @ d)
+        vn = np.sqrt(np.diag(gv))
+        if self.cosine:
+            direction = np.where(active, direction / np.maximum(vn * norm_a, 1e-300), 0.0)
+        beta = self.beta
+        if self.step_kind == "capped":
+            idx = np.flatnonzero(active)
+            jac = gv[np.ix_(idx, idx)]
+            if self.cosine:
+                jac = jac / np.sqrt(np.outer(vn[idx], vn[idx])) / norm_a
+            beta = min(beta, 1.0 / min(np.trace(jac), np.abs(jac).sum(1).max()))
+        return direction, beta
+
+    def _finish(self, direction: np.ndarray, beta: float, active: np.ndarray, v: np.ndarray) -> np.ndarray:
+        m = len(active)
         y = self.lam - beta * direction
         new = self.lam.copy()
         new[active] = project_simplex_bisect(y[active], 1.0 - self.lam[~active].sum())

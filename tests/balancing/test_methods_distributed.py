@@ -5,7 +5,12 @@ import torch
 from tests.balancing.test_methods_vs_references import B, grads_for, make
 from tests.dist_utils import init_gloo, run_ranks
 
-METHODS = ["pcgrad", "gradvac", "dbmtl", "imtlg", "mgda", "moco", "multibalance"]
+METHODS = ["pcgrad", "gradvac", "dbmtl", "imtlg", "mgda", "moco", "multibalance", "multibalance_tracked"]
+TRACKED = {"step": "capped", "gram_ema": 0.3}  # the tracked-Gram form
+
+
+def _make(method):
+    return make("multibalance", **TRACKED) if method == "multibalance_tracked" else make(method)
 
 
 def step(balancer, local):
@@ -21,7 +26,7 @@ def _ranks():
     rank = torch.distributed.get_rank()
     out = {}
     for method in METHODS:
-        b = make(method)
+        b = _make(method)
         out[method] = [step(b, grads_for(s, seed=9)[:, rank * B // 2:(rank + 1) * B // 2]) for s in range(4)]
     return out
 
@@ -29,7 +34,7 @@ def _ranks():
 def test_weights_agree_across_ranks_and_with_the_global_computation():
     r0, r1 = run_ranks(_ranks)
     for method in METHODS:
-        b = make(method)
+        b = _make(method)
         # one process on the global batch: the gradient of the mean of the 2 ranks' mean losses
         single = [step(b, grads_for(s, seed=9) / 2) for s in range(4)]
         for s in range(4):

@@ -329,3 +329,66 @@ def test_oscillation_warning_spans_log_windows_shorter_than_its_minimum(caplog):
                 if t < OSCILLATION_MIN_STEPS:
                     assert "reversed direction" not in caplog.text
     assert caplog.text.count("reversed direction") == 1 and 200 < WARN_EVERY
+
+
+@pytest.mark.parametrize("cosine,step", [(True, "capped"), (True, "paper"), (False, "capped")])
+def test_tracked_gram_matches_a_literal_reference(cosine, step):
+    """gram_ema > 0: lambda steps on an EMA of the global Gram; this step's gradients combined."""
+    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, cosine=cosine, deferred=False, step=step, gram_ema=0.2)
+    mb = as_float64(MultiBalance(M, cfg))
+    ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, True, cosine, step=step, gram_ema=0.2)
+    plain = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, True, cosine, step=step)
+    rng = np.random.default_rng(0)
+    for t in range(10):
+        g = random_grads(rng, t, zero_task=2 if t == 4 else None)
+        got = backward_through(mb, torch.tensor(g))
+        want = ref.step(g.reshape(M, -1)).reshape(B, N)
+        plain.step(g.reshape(M, -1))
+        np.testing.assert_allclose(mb.weights.numpy(), ref.lam, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-7, atol=1e-9)
+    assert np.abs(ref.lam - 1 / M).max() > 0.02 and np.abs(ref.lam - plain.lam).max() > 1e-3  # not vacuous
+
+
+def test_tracked_gram_host_and_tensor_forms_agree():
+    cfg = MultiBalanceConfig(beta=2.0, rho=0.1, gamma=0.3, step="capped", gram_ema=0.1, deferred=False)
+    host, tensor = as_float64(MultiBalance(M, cfg)), as_float64(MultiBalance(M, cfg))
+    lam, u, prior = tensor.weights.clone(), tensor.ema_norm.clone(), torch.full((M,), 1 / M, dtype=torch.float64)
+    rng = np.random.default_rng(5)
+    for t in range(10):
+        gram = local_gram(torch.tensor(random_grads(rng, t, zero_task=t % 3 if t in (3, 7) else None)))
+        host._step(gram * 4, 0.25, 1.0)  # the host path (a CPU Gram), as the deferred form passes it
+        tracked = tensor._track(gram)
+        lam, u, _, _ = multibalance_update(gram, lam, u, prior, cfg, tracked)
+        np.testing.assert_allclose(host.gram_tracked.numpy(), tensor.gram_tracked.numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(host.weights.numpy(), lam.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_tracked_gram_resumes_exactly():
+    """The tracked Gram is checkpointed with the balancer: 6 steps, saved, loaded into a new
+    balancer, 6 more steps = 12 straight steps, bitwise (float32, deferred, as training runs)."""
+    cfg = MultiBalanceConfig(step="capped", gram_ema=0.05)
+    rng = np.random.default_rng(2)
+    grads = [torch.tensor(random_grads(rng, t), dtype=torch.float32) for t in range(12)]
+    straight = MultiBalance(M, cfg)
+    for g in grads:
+        backward_through(straight, g)
+    first = MultiBalance(M, cfg)
+    for g in grads[:6]:
+        backward_through(first, g)
+    state = first.state_dict()
+    assert "gram_tracked" in state and state["gram_tracked"].abs().sum() > 0
+    second = MultiBalance(M, cfg)
+    second.load_state_dict(state)
+    for g in grads[6:]:
+        backward_through(second, g)
+    assert torch.equal(second.weights, straight.weights) and torch.equal(second.gram_tracked, straight.gram_tracked)
+    assert "gram_tracked" not in MultiBalance(M, MultiBalanceConfig()).state_dict()  # other runs keep their keys
+
+
+def test_grad_cosine_is_the_last_steps_mean_cosine():
+    mb = MultiBalance(M, MultiBalanceConfig(deferred=False))
+    g = np.zeros((M, B, N))
+    g[0, 0, 0], g[1, 0, 0], g[1, 0, 1], g[2, 0, 1] = 1.0, 1.0, 1.0, -1.0  # cos(0,1) = .707, cos(1,2) = -.707, cos(0,2) = 0
+    backward_through(mb, torch.tensor(g, dtype=torch.float32))
+    c = 2 ** -0.5
+    np.testing.assert_allclose(mb.stats()["grad_cosine"].numpy(), [c / 2, 0.0, -c / 2], atol=1e-6)

@@ -50,6 +50,32 @@ def test_feeds_scenario(tmp_path):
     assert corr[np.triu_indices(len(tasks), 1)].max() < 0.9  # ... and each task its own
 
 
+def test_funnel_feeds_scenario():
+    """The funnel: deep actions only on long-viewed or clicked impressions; labels correlated
+    given the row (the engagement factor), base rates and stored marginals as specified."""
+    from data.scenarios import feeds, feeds_funnel as f
+    from data.synth import SynthConfig, table_sizes
+    cfg = SynthConfig(scenario="feeds_funnel", cardinality=4_000, seed=1)
+    lat = f.latents(cfg, table_sizes(cfg))
+    t = f.generate_rows(cfg, 100_000, np.random.default_rng(3), lat)
+    y = np.stack([t[n].to_numpy() for n in f.TASK_NAMES], 1).astype(bool)  # [n, T]
+    p = np.stack([t[f"p_{n}"].to_numpy() for n in f.TASK_NAMES], 1).astype(np.float64)
+    for j, (name, rate, *_) in enumerate(feeds.TASKS):
+        assert abs(p[:, j].mean() - rate) < 0.1 * rate + 2e-4, name
+        assert abs(y[:, j].mean() - p[:, j].mean()) < 4 * np.sqrt(rate / len(y)) + 1e-4, name
+    engaged = y[:, f.FIRST].any(axis=1)
+    assert not y[~engaged][:, f.DEEP].any()  # the funnel
+    # given the row, labels move together: the residuals' correlation (zero if independent)
+    r = (y - p) / np.sqrt(p * (1 - p))
+    corr = np.corrcoef(r.T)
+    lv, click, like = (f.TASK_NAMES.index(n) for n in ("long_view", "click", "like"))
+    assert corr[lv, click] > 0.05 and corr[lv, like] > 0.1, corr  # (independent labels: |corr| < 0.02)
+    # the stored truth is the marginal given the row: a model of it is calibrated in deciles
+    order = np.argsort(p[:, like])
+    for chunk in np.array_split(order, 5):
+        assert abs(y[chunk, like].mean() - p[chunk, like].mean()) < 4 * np.sqrt(p[chunk, like].mean() / len(chunk))
+
+
 def test_unknown_scenario_is_a_config_error():
     import pytest
     from data.synth import SynthConfig

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 ALL_METHODS = ["equal", "uncertainty", "pcgrad", "gradvac", "graddrop", "dbmtl", "imtlg", "mgda",
                "moco", "multibalance", "multibalance_noema", "multibalance_exact", "multibalance_magnitude",
-               "multibalance_capped", "param_mgda", "param_moco"]
+               "multibalance_capped", "multibalance_tracked", "magnitude_equalised", "param_mgda", "param_moco"]
 MB = "balancer.multibalance"
 # MultiBalance's ablations, by name: the paper's form unless named otherwise
 ABLATIONS = {
@@ -33,6 +33,11 @@ ABLATIONS = {
     "multibalance_exact": [f"{MB}.deferred=false"],  # this step's Gram, not the previous one's
     "multibalance_magnitude": [f"{MB}.deferred=false", f"{MB}.rescale=magnitude"],  # v = (u / n) g
     "multibalance_capped": [f"{MB}.step=capped"],  # beta capped by the Gram's stability bound
+    # lambda from an EMA of the global Gram (beyond the paper), with the capped step
+    "multibalance_tracked": [f"{MB}.step=capped", f"{MB}.gram_ema=0.05"],
+    # lambda frozen at uniform, the EMA rescaling kept: task m weighted mean(u) / u_m. What the
+    # rescaling alone does, apart from lambda's dynamics
+    "magnitude_equalised": [f"{MB}.beta=0"],
 }
 
 
@@ -69,9 +74,12 @@ def plan(config: str, overrides: List[str], methods: List[str], betas: List[floa
     tasks = [t.name for t in cfg.data.tasks]
     runs = []
     for seed in range(seeds):  # seed-major: every method's first seed finishes first
+        # a seed is the initialisation and, where the training data is shuffled, its order too:
+        # the intervals then cover both kinds of noise (see `_what_ran`)
+        order = [f"data.shuffle_seed={seed}"] if cfg.data.shuffle else []
         for v in variants(methods, betas, tasks, single_task, beta_steps):
             run_dir = out / v.name / f"seed{seed}"
-            runs.append((v.name, seed, list(overrides) + v.overrides + [
+            runs.append((v.name, seed, list(overrides) + v.overrides + order + [
                 f"trainer.seed={seed}", f"trainer.out_dir={run_dir}", "trainer.resume=false",
                 "trainer.progress_bar=false", "trainer.checkpoint_every=0", "trainer.checkpoint_at_end=false"]))
     return runs
@@ -159,6 +167,45 @@ def beta_table(runs: Dict[str, List[dict]], tasks: List[str]) -> str:
     betas = sorted({b for b, _ in cells})
     return markdown_table(["beta", "paper step: avg NE gain % (reversals)", "capped step: avg NE gain % (reversals)"],
                           [[f"{b:g}", cells.get((b, "paper"), "-"), cells.get((b, "capped"), "-")] for b in betas])
+
+
+def _logged_mean(run_dir: Path, prefix: str) -> float:
+    """The mean of a logged per-task statistic (`prefix`/task) over a run's log records and tasks."""
+    import numpy as np
+    values = []
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            values += [v for k, v in json.loads(line).items() if k.startswith(prefix + "/")]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def dynamics_table(runs: Dict[str, List[dict]], tasks: List[str]) -> str:
+    """Per MultiBalance variant: lambda's reversal share, the tasks' mean representation-gradient
+    cosine (a sample per log record), each task's final lambda (mean over seeds), and the
+    average NE gain on rare (base rate < RARE) and frequent tasks."""
+    from launch.report import markdown_table
+    import numpy as np
+    rates = runs["equal"][0].get("head_bias", {}).get("base_rates") or [None] * len(tasks)
+    names = [t["name"] for t in runs["equal"][0]["tasks"]]
+    rate = {t: r for t, r in zip(names, rates)}
+    rare = [t for t in tasks if rate.get(t) is not None and rate[t] < RARE]
+    rows = []
+    for name, rs in runs.items():
+        if rs[0]["config"].get("balancer.method") != "multibalance":
+            continue
+        g = gains_by_seed(runs, name, tasks)
+        split = [[float(np.mean([g[t][i] for t in group])) for i in range(len(g["average"]))] if group else []
+                 for group in (rare, [t for t in tasks if t not in rare])]
+        lam = np.mean([r["final_weights"] for r in rs], axis=0)
+        rows.append([name, f"{np.mean([oscillation(r['dir']) for r in rs]):.2f}",
+                     f"{np.mean([_logged_mean(r['dir'], 'grad_cosine') for r in rs]):+.3f}",
+                     " ".join(f"{x:.2f}" for x in lam), _ci(split[0]), _ci(split[1])])
+    return markdown_table(["variant", "reversals", "mean grad cosine", f"final lambda ({', '.join(names)})",
+                           f"avg NE gain % rare (< {100 * RARE:g} %: {', '.join(rare) or 'none'})",
+                           "avg NE gain % frequent"], rows)
+
+
+RARE = 0.01  # a task whose training base rate is below this is "rare" in the dynamics table
 
 
 def _ms(values: List[float], fmt: str = "{:+.3f}") -> str:
@@ -290,8 +337,11 @@ def _transfer_verdict(diffs: List[float]) -> str:
 def _what_ran(runs: Dict[str, List[dict]]) -> str:
     steps = sorted({r["steps"] for rs in runs.values() for r in rs})
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
+    shuffled = bool(runs["equal"][0]["config"].get("data.shuffle"))
+    noise = ("model initialisation and training data order (data.shuffle on: data.shuffle_seed = the seed)"
+             if shuffled else "model initialisation only (data.shuffle off: every seed reads the data in one order)")
     return (f"{len(runs)} variants x {len(seeds)} seed(s), {' / '.join(map(str, steps))} training steps per run, "
-            f"{runs['equal'][0]['world_size']} rank(s)")
+            f"{runs['equal'][0]['world_size']} rank(s); a seed varies the {noise}")
 
 
 def write_compare_report(out: Path) -> str:
@@ -316,6 +366,10 @@ def write_compare_report(out: Path) -> str:
         "## MultiBalance by beta and step rule (paper Table 4)", "", beta_table(runs, tasks), "",
         "Reversals: the share of weight updates that reversed the previous update's direction "
         "(mean over tasks and the run): near 0.5 or above, lambda oscillates instead of converging.", "",
+        "## MultiBalance's dynamics", "", dynamics_table(runs, tasks), "",
+        "Mean grad cosine: the mean pairwise cosine of the tasks' gradients w.r.t. the shared "
+        "representation over the global batch, sampled at each log record. Rare / frequent: the "
+        "average NE gain (95 % interval) over the tasks below / above the base-rate threshold.", "",
         "## What these runs can resolve", "", tables["mde"], "",
         "The interval is that of the paired (same seed) differences; the smallest detectable effect is "
         "the average gain a paired t-test at 5 % would find with 80 % power, given this spread and "

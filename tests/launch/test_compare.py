@@ -149,3 +149,28 @@ def test_a_rerun_into_the_same_out_reuses_only_runs_of_the_same_settings(tmp_pat
     _check_same_settings(tmp_path, a)
     with pytest.raises(RunError, match="of other settings .*use a new --out"):
         _check_same_settings(tmp_path, b)
+
+
+def test_a_seed_varies_the_data_order_where_shuffling_is_on(tmp_path):
+    off = plan("launch/configs/demo.toml", [], ["equal"], [], 2, False, tmp_path)
+    on = plan("launch/configs/demo.toml", ["data.shuffle=true"], ["equal"], [], 2, False, tmp_path)
+    assert not any(o.startswith("data.shuffle_seed") for e in off for o in e[2])
+    assert [next(o for o in e[2] if o.startswith("data.shuffle_seed")) for e in on] == [
+        "data.shuffle_seed=0", "data.shuffle_seed=1"]
+
+
+def test_dynamics_table_splits_rare_and_frequent_tasks(tmp_path):
+    from launch.compare import dynamics_table, _load
+    mb = "balancer.multibalance"
+    for seed in (0, 1):
+        e = fake_run(tmp_path, "equal", seed, [0.80, 0.90], 100.0)
+        summary = json.loads((e / "summary.json").read_text())
+        summary["head_bias"] = {"init": "base_rate", "base_rates": [0.2, 0.005]}  # cvr is rare
+        (e / "summary.json").write_text(json.dumps(summary))
+        d = fake_run(tmp_path, "multibalance_tracked", seed, [0.808, 0.891], 100.0)  # ctr -1 %, cvr +1 %
+        (d / "run.json").write_text(json.dumps({"balancer.method": "multibalance", f"{mb}.gram_ema": 0.05}))
+        (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 20, "lambda_reversal/ctr": 0.2,
+                                                     "grad_cosine/ctr": 0.3, "grad_cosine/cvr": 0.1}) + "\n")
+    table = dynamics_table(_load(tmp_path), TASKS)
+    assert "| multibalance_tracked | 0.20 | +0.200 | 0.50 0.50 | +1.000 ± 0.000 | -1.000 ± 0.000 |" in table, table
+    assert "rare (< 1 %: cvr)" in table

@@ -155,6 +155,7 @@ def dump_toml(cfg: RunConfig) -> str:
 DRAFT_NOTES = {
     "model.embedding_dim": "every table's dim unless it sets its own",
     "model.shared_arch": "the shared MLP; its last size is the representation MultiBalance balances",
+    "model.head_bias_init": "heads start at logit(training base rate), not p = 0.5",
     "balancer.method": "equal, multibalance, ... (README: Balancers); compare them with `mbrec compare`",
     "optim.sparse": "the fused embedding optimizer (row-wise Adagrad: one state value per row)",
     "trainer.out_dir": "this run's own directory: checkpoints, metrics, summary.json",

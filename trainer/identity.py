@@ -34,7 +34,7 @@ FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max
         "model.head_bias_init")  # (read at a fresh start only: a resumed model's biases are its checkpoint's)
 # keys added after run.json files were first written: a record without one was trained with this value
 ADDED = {"trainer.init_from": "", "trainer.init_parts": ["model", "optim", "balancer"],
-         "trainer.refit_transforms": False}
+         "trainer.refit_transforms": False, "balancer.multibalance.gram_ema": 0.0}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

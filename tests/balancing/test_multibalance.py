@@ -14,6 +14,13 @@ from tests.dist_utils import init_gloo, run_ranks
 M, B, N = 3, 16, 8
 
 
+def paper_form(**kw) -> MultiBalanceConfig:
+    """MultiBalance as the paper writes it (eq. 12 on this step's Gram): what these checks
+    against the literal reference are about; the default adds the capped step and the tracked
+    Gram, checked below."""
+    return MultiBalanceConfig(**{"step": "paper", "gram_ema": 0.0, **kw})
+
+
 def backward_through(balancer, grads):
     """Runs the fan-out with task losses whose gradient w.r.t. copy m is grads[m] exactly;
     returns the gradient that reaches h. grads [M, B, N]."""
@@ -47,7 +54,7 @@ def random_grads(rng, step, zero_task=None):
     (True, True, "magnitude", "paper"), (True, False, "magnitude", "paper"),
     (True, True, "paper", "capped"), (True, False, "paper", "capped")])
 def test_matches_reference_over_steps(ema, cosine, rescale, step):
-    cfg = MultiBalanceConfig(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, deferred=False, rescale=rescale,
+    cfg = paper_form(beta=1.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, deferred=False, rescale=rescale,
                              step=step)
     mb = as_float64(MultiBalance(M, cfg))
     ref = ReferenceMultiBalance(M, cfg.beta, cfg.rho, cfg.gamma, ema, cosine, rescale=rescale, step=step)
@@ -67,7 +74,7 @@ def test_matches_reference_over_steps(ema, cosine, rescale, step):
     (True, True, "magnitude", "paper"), (True, True, "paper", "capped"), (True, False, "paper", "capped")])
 def test_host_and_tensor_updates_agree_over_steps(ema, cosine, rescale, step):
     """CPU training runs the step in Python floats, accelerators as tensor ops: same numbers."""
-    cfg = MultiBalanceConfig(beta=2.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, rescale=rescale, step=step,
+    cfg = paper_form(beta=2.0, rho=0.1, gamma=0.3, ema=ema, cosine=cosine, rescale=rescale, step=step,
                              deferred=rescale == "paper")
     lam = torch.full((M,), 1 / M, dtype=torch.float64)
     prior, u = lam.clone(), torch.zeros(M, dtype=torch.float64)
@@ -86,7 +93,7 @@ def test_host_and_tensor_updates_agree_over_steps(ema, cosine, rescale, step):
 
 
 def test_gradient_form_with_large_beta_matches_reference():
-    cfg = MultiBalanceConfig(beta=50.0, rho=0.1, gamma=0.5, ema=True, cosine=False, scale_by_tasks=False,
+    cfg = paper_form(beta=50.0, rho=0.1, gamma=0.5, ema=True, cosine=False, scale_by_tasks=False,
                              deferred=False)
     mb = MultiBalance(M, cfg).double()
     ref = ReferenceMultiBalance(M, 50.0, 0.1, 0.5, True, False, scale_by_tasks=False)
@@ -99,7 +106,7 @@ def test_gradient_form_with_large_beta_matches_reference():
 
 
 def test_zero_gradient_task_gives_no_nan_and_keeps_its_weight():
-    mb = MultiBalance(M, MultiBalanceConfig(beta=2.0, deferred=False)).double()
+    mb = MultiBalance(M, paper_form(beta=2.0, deferred=False)).double()
     rng = np.random.default_rng(2)
     backward_through(mb, torch.tensor(random_grads(rng, 0)))
     before = mb.weights.clone()
@@ -127,7 +134,7 @@ def test_equal_and_fixed_weights():
 
 def test_uniform_weights_without_ema_equal_the_sum():
     """With beta = 0 the weights stay at the uniform prior; M * sum(lambda v) = sum(g)."""
-    mb = MultiBalance(M, MultiBalanceConfig(beta=0.0, ema=False)).double()
+    mb = MultiBalance(M, paper_form(beta=0.0, ema=False)).double()
     g = torch.randn(M, B, N, dtype=torch.float64)
     torch.testing.assert_close(backward_through(mb, g), g.sum(0))
 
@@ -138,7 +145,7 @@ def _two_rank_step(seed: int):
     rank = torch.distributed.get_rank()
     rng = np.random.default_rng(seed)
     global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
-    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)).double()
+    mb = MultiBalance(M, paper_form(beta=1.0, gamma=0.3, deferred=False)).double()
     out = []
     for g in global_g:
         # the global loss is the mean of the two local losses
@@ -170,7 +177,7 @@ def _deferred(seed: int):
     rank = torch.distributed.get_rank()
     rng = np.random.default_rng(seed)
     global_g = [random_grads(rng, s).reshape(M, 2, B // 2, N) for s in range(5)]
-    mb = MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)).double()
+    mb = MultiBalance(M, paper_form(beta=1.0, gamma=0.3, deferred=True)).double()
     out = []
     for g in global_g:
         h = torch.zeros(B // 2, N, dtype=torch.float64, requires_grad=True)
@@ -192,8 +199,8 @@ def test_deferred_on_two_ranks_follows_the_exact_weights_one_step_late():
 def test_deferred_follows_the_exact_sequence_one_step_late():
     """Step t combines g_t with the weights and scales step t-1 computed exactly: the same
     state sequence, one step late, also across a task without labels and an all-zero step."""
-    exact = as_float64(MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=False)))
-    late = as_float64(MultiBalance(M, MultiBalanceConfig(beta=1.0, gamma=0.3, deferred=True)))
+    exact = as_float64(MultiBalance(M, paper_form(beta=1.0, gamma=0.3, deferred=False)))
+    late = as_float64(MultiBalance(M, paper_form(beta=1.0, gamma=0.3, deferred=True)))
     rng = np.random.default_rng(6)
     grads = [torch.tensor(random_grads(rng, s, zero_task=1 if s == 3 else None)) for s in range(7)]
     grads[5] = torch.zeros_like(grads[5])
@@ -228,7 +235,7 @@ def test_chunked_gram_equals_the_plain_product():
 def test_a_loaded_state_replaces_the_host_copy_of_the_weights():
     """The host step keeps lambda and u as Python floats between steps; a load_state_dict must
     make the loaded buffers the state again."""
-    cfg = MultiBalanceConfig(beta=2.0, gamma=0.3, deferred=False)
+    cfg = paper_form(beta=2.0, gamma=0.3, deferred=False)
     a, b = MultiBalance(M, cfg).double(), MultiBalance(M, cfg).double()
     rng = np.random.default_rng(3)
     for step in range(3):
@@ -256,8 +263,8 @@ def test_deferred_task_whose_labels_go_from_none_to_few_to_many():
     gradients with the coefficients the exact form used one step before (nothing taken from
     the previous batch's norms)."""
     cfg = dict(beta=1.0, gamma=0.01)
-    exact = as_float64(MultiBalance(M, MultiBalanceConfig(**cfg, deferred=False)))
-    late = as_float64(MultiBalance(M, MultiBalanceConfig(**cfg, deferred=True)))
+    exact = as_float64(MultiBalance(M, paper_form(**cfg, deferred=False)))
+    late = as_float64(MultiBalance(M, paper_form(**cfg, deferred=True)))
     rng = np.random.default_rng(3)
     prev = None
     for t in range(8):
@@ -278,7 +285,7 @@ def test_deferred_task_whose_labels_go_from_none_to_few_to_many():
 
 def _oscillating_run(step: str, beta: float, steps: int = 60):
     """Three near-orthogonal task gradients (cosines ~0, the demo's regime) of fixed size."""
-    mb = MultiBalance(M, MultiBalanceConfig(beta=beta, step=step, deferred=False)).double()
+    mb = MultiBalance(M, paper_form(beta=beta, step=step, deferred=False)).double()
     rng = np.random.default_rng(0)
     base = rng.normal(size=(M, B, N))
     lams = []
@@ -318,7 +325,7 @@ def test_oscillation_warning_spans_log_windows_shorter_than_its_minimum(caplog):
     minimum (50): the warning still comes, once, and not again for WARN_EVERY updates."""
     import logging
     from balancing.multibalance import OSCILLATION_MIN_STEPS, WARN_EVERY
-    mb = MultiBalance(M, MultiBalanceConfig(beta=5.0, deferred=False)).double()
+    mb = MultiBalance(M, paper_form(beta=5.0, deferred=False)).double()
     rng = np.random.default_rng(0)
     base = rng.normal(size=(M, B, N))
     with caplog.at_level(logging.WARNING):
@@ -382,11 +389,11 @@ def test_tracked_gram_resumes_exactly():
     for g in grads[6:]:
         backward_through(second, g)
     assert torch.equal(second.weights, straight.weights) and torch.equal(second.gram_tracked, straight.gram_tracked)
-    assert "gram_tracked" not in MultiBalance(M, MultiBalanceConfig()).state_dict()  # other runs keep their keys
+    assert "gram_tracked" not in MultiBalance(M, paper_form()).state_dict()  # other runs keep their keys
 
 
 def test_grad_cosine_is_the_last_steps_mean_cosine():
-    mb = MultiBalance(M, MultiBalanceConfig(deferred=False))
+    mb = MultiBalance(M, paper_form(deferred=False))
     g = np.zeros((M, B, N))
     g[0, 0, 0], g[1, 0, 0], g[1, 0, 1], g[2, 0, 1] = 1.0, 1.0, 1.0, -1.0  # cos(0,1) = .707, cos(1,2) = -.707, cos(0,2) = 0
     backward_through(mb, torch.tensor(g, dtype=torch.float32))

@@ -25,8 +25,11 @@ def test_every_variant_is_a_valid_config():
     cfgs = {v.name: load_config("launch/configs/demo.toml", v.overrides) for v in vs}
     mb = {n: c.balancer.multibalance for n, c in cfgs.items() if c.balancer.method == "multibalance"}
     assert (mb["multibalance_magnitude"].rescale, mb["multibalance_magnitude"].deferred) == ("magnitude", False)
-    assert (mb["multibalance"].rescale, mb["multibalance"].step, mb["multibalance"].deferred) == ("paper", "paper", True)
+    default, paper = mb["multibalance"], mb["multibalance_paper"]
+    assert (default.rescale, default.step, default.gram_ema, default.deferred) == ("paper", "capped", 0.05, True)
+    assert (paper.step, paper.gram_ema) == ("paper", 0.0) and mb["multibalance_capped"].gram_ema == 0.0
     assert mb["multibalance_capped_beta5"].step == "capped" and mb["multibalance_capped_beta5"].beta == 5.0
+    assert mb["multibalance_beta5"].gram_ema == 0.0  # Table 4: the paper's form at each beta
     assert mb["multibalance_beta5"].step == "paper" and not mb["multibalance_exact"].deferred
 
 
@@ -110,7 +113,8 @@ def test_beta_table_reads_each_runs_settings_and_reversals(tmp_path):
     the mean logged reversal share; other MultiBalance forms (exact, no EMA) are not in it."""
     mb = "balancer.multibalance"
     settings = {"multibalance": (1.0, "paper", True), "multibalance_capped_beta5": (5.0, "capped", True),
-                "multibalance_beta5": (5.0, "paper", True), "multibalance_exact": (1.0, "paper", False)}
+                "multibalance_beta5": (5.0, "paper", True), "multibalance_exact": (1.0, "paper", False),
+                "multibalance_tracked": (1.0, "capped", True)}
     fake_run(tmp_path, "equal", 0, [0.80, 0.90], 100.0)
     fake_run(tmp_path, "equal", 1, [0.80, 0.90], 100.0)
     for i, (name, (beta, step, deferred)) in enumerate(settings.items()):
@@ -118,14 +122,15 @@ def test_beta_table_reads_each_runs_settings_and_reversals(tmp_path):
             d = fake_run(tmp_path, name, seed, [0.80 - 0.001 * i, 0.90], 100.0)
             (d / "run.json").write_text(json.dumps({
                 "balancer.method": "multibalance", f"{mb}.beta": beta, f"{mb}.step": step, f"{mb}.ema": True,
-                f"{mb}.deferred": deferred, f"{mb}.rescale": "paper"}))
+                f"{mb}.deferred": deferred, f"{mb}.rescale": "paper",
+                f"{mb}.gram_ema": 0.05 if name == "multibalance_tracked" else 0.0}))
             rev = 0.9 if name == "multibalance_beta5" else 0.1
             (d / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "lambda_reversal/ctr": rev,
                                                                   "lambda_reversal/cvr": rev}) + "\n" for s in (20, 40)))
     text = write_compare_report(tmp_path)
     assert "| 1 | +0.000 ± 0.000 (0.10) | - |" in text
     assert "| 5 | +0.125 ± 0.000 (0.90) | +0.063 ± 0.000 (0.10) |" in text
-    assert text.count("| 1 |") == 1  # the exact form is not a Table 4 row
+    assert text.count("| 1 |") == 1  # the exact form is not a Table 4 row, nor the tracked Gram's
 
 
 def test_demo_prints_its_single_seed_gain_with_the_calibrated_noise(tmp_path):

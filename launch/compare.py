@@ -170,6 +170,8 @@ def beta_table(runs: Dict[str, List[dict]], tasks: List[str]) -> str:
         osc = float(np.mean([oscillation(r["dir"]) for r in rs]))
         cells[(c[f"{MB}.beta"], c[f"{MB}.step"])] = f"{_ci(gains_by_seed(runs, name, tasks)['average'])} ({osc:.2f})"
     betas = sorted({b for b, _ in cells})
+    if not betas:
+        return "(no MultiBalance run of the paper's form on this step's Gram: see `--betas`)"
     return markdown_table(["beta", "paper step: avg NE gain % (reversals)", "capped step: avg NE gain % (reversals)"],
                           [[f"{b:g}", cells.get((b, "paper"), "-"), cells.get((b, "capped"), "-")] for b in betas])
 

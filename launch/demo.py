@@ -17,11 +17,12 @@ from launch.report import write_report
 log = logging.getLogger(__name__)
 METHODS = ("equal", "multibalance")
 # The demo trains one seed per method: its gain is read against the paired seed noise measured on
-# the same data and settings (docs/results/compare-ads-instrument: 16 paired seeds, std of
-# MultiBalance's average NE gain vs equal weights 0.056 %; t_0.975 with 15 degrees of freedom).
-PAIRED_SD, T95 = 0.056, 2.131
+# the same data and settings (docs/results/balancing-evidence/ads-calibration: 8 paired seeds of
+# today's default MultiBalance and base-rate head biases, std of its average NE gain vs equal
+# weights 0.038 %; t_0.975 with 7 degrees of freedom).
+PAIRED_SD, T95 = 0.038, 2.365
 CALIBRATION = ("mbrec compare launch/configs/demo.toml --methods equal,multibalance --seeds 8 --no-single-task "
-               "(about 11 min on 2 CPU cores; 95 % interval about +-0.05 %)")
+               "(about 16 min on 2 CPU cores; 95 % interval about +-0.03 %)")
 
 
 def noise_line(runs: List[Path]) -> str:
@@ -31,8 +32,8 @@ def noise_line(runs: List[Path]) -> str:
     tasks = binary_tasks(base)
     gain = sum(ne_gain(base["eval"][t]["ne"], mb["eval"][t]["ne"]) for t in tasks) / len(tasks)
     return (f"Average NE gain of MultiBalance over equal weights: {gain:+.3f} % from ONE seed; one paired seed "
-            f"varies by +-{T95 * PAIRED_SD:.2f} % (95 %, from 16 paired seeds on this data: "
-            "docs/results/compare-ads-instrument), so a gain inside that range is noise. "
+            f"varies by +-{T95 * PAIRED_SD:.2f} % (95 %, from 8 paired seeds on this data: "
+            "docs/results/balancing-evidence/ads-calibration), so a gain inside that range is noise. "
             f"To measure it: {CALIBRATION}.")
 
 

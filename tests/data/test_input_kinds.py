@@ -99,3 +99,18 @@ def test_uint64_ids_above_int64_are_measured_and_named(tmp_path):
     assert health["remapped_share"] == 0.5 and health["sampled_distinct_ids"] == 4
     with pytest.raises(DataError, match=r"u\.parquet: column 'u' has id 9223372036854775813 outside \[0, 8\)"):
         list(DataSource(cfg.train, cfg, 0, 1).batches(0))
+
+
+def test_weights_all_zero_train_nothing_and_the_run_says_so(tmp_path):
+    import torch
+    from trainer.errors import RunError
+    from trainer.guard import NonFiniteGuard
+    (batch,) = _weights(tmp_path / "zero.parquet", [0.0, 0.0, None, 0.0])  # every row of task y weighs 0
+    guard = NonFiniteGuard(torch.device("cpu"), 1, ["y"])
+    guard.observe(torch.zeros(1), batch.label_mask)
+    with pytest.raises(RunError, match=r"task\(s\) y had no labelled row with a weight > 0 in steps 1-1"):
+        guard.check_trained(1, 0)
+    (batch,) = _weights(tmp_path / "some.parquet", [0.0, 0.5, None, 0.0])
+    guard = NonFiniteGuard(torch.device("cpu"), 1, ["y"])
+    guard.observe(torch.zeros(1), batch.label_mask)
+    guard.check_trained(1, 0)  # one row with weight > 0: it trained

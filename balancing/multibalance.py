@@ -273,6 +273,7 @@ class MultiBalance(GradientBalancer):
         # (lambda, u) as Python floats after a host step: read back from the buffers, which may
         # live on an accelerator, only when unset (first step, after a load or a tensor step)
         self._host: Optional[Tuple[List[float], List[float]]] = None
+        self._tracked: Optional[List[List[float]]] = None  # G~ as host floats after a host step
         self._last_gram: Optional[Tuple[torch.Tensor, float]] = None  # the last step's (Gram, factor), for stats
 
     def deferred_gram(self) -> Optional[DeferredGram]:
@@ -333,14 +334,19 @@ class MultiBalance(GradientBalancer):
         seen for the first time takes this step's value) -> G~ as the buffer holds it (float32,
         so that a resumed run continues with exactly the straight run's state)."""
         eta, m = self.cfg.gram_ema, len(gram)
-        old = self.gram_tracked.tolist()
+        # the host copy of the last step's G~; read back from the buffer (which may live on an
+        # accelerator: a sync) only when unset, i.e. at the first step or after a load
+        old = self._tracked if self._tracked is not None else self.gram_tracked.tolist()
         now = [gram[i][i] > 0 for i in range(m)]
         seen = [old[i][i] > 0 for i in range(m)]
         new = [[(old[i][j] + eta * (gram[i][j] * factor - old[i][j]) if seen[i] and seen[j] else gram[i][j] * factor)
                 if now[i] and now[j] else old[i][j] for j in range(m)] for i in range(m)]
         kept = torch.tensor(new, dtype=self.gram_tracked.dtype)
+        self._tracked = kept.tolist()
+        if self.gram_tracked.device.type != "cpu":  # one asynchronous upload, as for the state
+            kept = kept.pin_memory().to(self.gram_tracked.device, non_blocking=True)
         self.gram_tracked.copy_(kept)
-        return kept.tolist()
+        return self._tracked
 
     def _track(self, gram: torch.Tensor) -> torch.Tensor:
         """`_track_host` as sync-free tensor ops; gram [M, M] in global units."""
@@ -349,6 +355,7 @@ class MultiBalance(GradientBalancer):
         both_now, both_seen = torch.outer(now, now), torch.outer(seen, seen)
         new = torch.where(both_now, torch.where(both_seen, torch.lerp(old, gram, self.cfg.gram_ema), gram), old)
         self.gram_tracked.copy_(new)
+        self._tracked = None  # the buffer is the state now
         return self.gram_tracked
 
     def _count_reversals(self, old: List[float], new: List[float]) -> None:
@@ -421,7 +428,7 @@ class MultiBalance(GradientBalancer):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._host = None  # the loaded buffers are the state now
+        self._host = self._tracked = None  # the loaded buffers are the state now
 
 
 def _is_first_rank() -> bool:

@@ -16,6 +16,7 @@ State lives in buffers (checkpointed with the model). `stats()` exposes what is 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 import logging
 import math
@@ -27,6 +28,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
+
+# Named profiler ranges around the parts of a balancer's step, for `mbrec bench --breakdown`.
+# Off by default: a torch record_function costs ~6 us even with no profiler running, which is
+# what this code is measured against; off, a scope is one shared no-op context (~0.2 us).
+_NO_SCOPE = contextlib.nullcontext()
+_scopes_on = False
+
+
+def profile_scopes(on: bool) -> None:
+    """Turns the balancers' named profiler ranges (`scope`) on or off, for this process."""
+    global _scopes_on
+    _scopes_on = on
+
+
+def scope(name: str):
+    """A torch.profiler range `mbrec.<name>` when `profile_scopes(True)`, else a no-op."""
+    return torch.profiler.record_function(f"mbrec.{name}") if _scopes_on else _NO_SCOPE
 
 
 class Balancer(nn.Module):
@@ -59,10 +77,11 @@ class Balancer(nn.Module):
 def fan_out(h: torch.Tensor, balancer: "GradientBalancer") -> torch.Tensor:
     # Wrapped for FX: the train pipeline traces the model, and an autograd.Function with a
     # Python object argument must appear as a single opaque call.
-    mailbox = balancer.deferred_gram()
-    if mailbox is not None and h.is_cuda and torch.is_grad_enabled():
-        mailbox.prefetch()  # the backward of this forward reads the previous step's Gram
-    return _FanOut.apply(h, None if mailbox is None else mailbox.carrier, balancer)
+    with scope("fan_out"):
+        mailbox = balancer.deferred_gram()
+        if mailbox is not None and h.is_cuda and torch.is_grad_enabled():
+            mailbox.prefetch()  # the backward of this forward reads the previous step's Gram
+        return _FanOut.apply(h, None if mailbox is None else mailbox.carrier, balancer)
 
 
 class _FanOut(torch.autograd.Function):
@@ -78,9 +97,10 @@ class _FanOut(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grads: torch.Tensor):
         # grads [M, B, n'] (zeros for a task whose loss had no labelled row)
-        combined = ctx.balancer.combine_grads(grads)
-        mailbox = ctx.balancer.deferred_gram()
-        return combined, None if mailbox is None else mailbox.take(), None
+        with scope("fan_out_backward"):
+            combined = ctx.balancer.combine_grads(grads)
+            mailbox = ctx.balancer.deferred_gram()
+            return combined, None if mailbox is None else mailbox.take(), None
 
 
 class GradientBalancer(Balancer):
@@ -112,7 +132,8 @@ class GradientBalancer(Balancer):
         gram = local_gram(grads)
         world = world_size()
         if world > 1:
-            dist.all_reduce(gram)
+            with scope("gram_all_reduce"):
+                dist.all_reduce(gram)
             gram = gram / world**2
         return gram
 
@@ -268,7 +289,8 @@ class DeferredGram(nn.Module):
 
 def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """sum_m coef_m grads_m: coef [M], grads [M, ...] -> [...], as one matrix-vector product."""
-    return (coef.to(grads.dtype) @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
+    with scope("combine"):
+        return (coef.to(grads.dtype) @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
 
 
 GRAM_CHUNKS = 256  # at most; on accelerators (see local_gram)
@@ -278,10 +300,11 @@ def local_gram(grads: torch.Tensor) -> torch.Tensor:
     """grads [M, ...] -> Gram matrix [M, M] of the flattened task gradients. On an accelerator
     the product [M, N] x [N, M] is a skinny GEMM that runs far below memory speed; split into C
     chunks it becomes C small products in one batched kernel that read each gradient once."""
-    flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # under autocast: the M x M statistics in fp32
-    return chunked_gram(flat, 1 if flat.device.type == "cpu" else math.gcd(flat.shape[1], GRAM_CHUNKS))
+    with scope("local_gram"):
+        flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # under autocast: the M x M statistics in fp32
+        return chunked_gram(flat, 1 if flat.device.type == "cpu" else math.gcd(flat.shape[1], GRAM_CHUNKS))
 
 
 def chunked_gram(flat: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -49,12 +49,13 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from balancing.base import DeferredGram, GradientBalancer, combine, local_gram
+from balancing.base import DeferredGram, GradientBalancer, combine, local_gram, scope
 from balancing.simplex import project_simplex
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,17 @@ def stability_cap(gram_v: List[List[float]], active: List[bool], cosine: bool, n
     if cosine:
         vn = [math.sqrt(max(gram_v[i][i], 0.0)) for i in range(len(active))]
         denom = max(norm_a, EPS)
-        a = {i: {j: gram_v[i][j] / max(math.sqrt(vn[i] * vn[j]), EPS) / denom for j in idx} for i in idx}
+        sqrt = math.sqrt
+        a = []
+        for i in idx:
+            row, vi = gram_v[i], vn[i]
+            # x / max(sqrt(vn_i vn_j), EPS) / denom, with the max as a conditional (same value, NaN included)
+            a.append([row[j] / (EPS if EPS > sqrt(vi * vn[j]) else sqrt(vi * vn[j])) / denom for j in idx])
     else:
-        a = {i: {j: gram_v[i][j] for j in idx} for i in idx}
-    trace = sum(a[i][i] for i in idx)
-    rows = max(sum(abs(x) for x in a[i].values()) for i in idx)
+        a = [[gram_v[i][j] for j in idx] for i in idx]
+    # a [k][l] over the active tasks: (k, k) is task idx[k]'s diagonal entry
+    trace = sum(row[k] for k, row in enumerate(a))
+    rows = max(sum(map(abs, row)) for row in a)
     bound = min(trace, rows)
     return 1.0 / bound if bound > 0 else float("inf")
 
@@ -154,8 +161,8 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
     d = [li + cfg.rho * pi for li, pi in zip(lam, prior)]
     src, f, vn = (gram, factor, n) if tracked is None else (tracked, 1.0, [math.sqrt(max(tracked[i][i], 0.0))
                                                                          for i in range(m)])
-    gram_v = [[src[i][j] * f * s[i] * s[j] for j in range(m)] for i in range(m)]  # Gram(V) = S G S
-    direction = [sum(gram_v[i][j] * d[j] for j in range(m)) for i in range(m)]  # <v_i, V d>
+    gram_v = [[x * f * si * sj for x, sj in zip(row, s)] for row, si in zip(src, s)]  # Gram(V) = S G S
+    direction = [sum([x * dj for x, dj in zip(row, d)]) for row in gram_v]  # <v_i, V d>
     norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
     if cfg.cosine:
         direction = [x / max(s[i] * vn[i] * norm_a, EPS) for i, x in enumerate(direction)]
@@ -244,6 +251,41 @@ def combination_tensor(lam: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cfg:
     return lam * s
 
 
+class _HostState:
+    """The host step's state between two steps. A plain object: an nn.Module attribute write
+    costs microseconds (its __setattr__ checks), and these are written every step."""
+    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs")
+
+    def __init__(self):
+        self.lam: Optional[List[float]] = None  # lambda [M] as the buffer holds it; None: read the buffer
+        self.u: Optional[List[float]] = None  # u [M], the same
+        self.tracked: Optional[List[List[float]]] = None  # G~ [M][M], the same
+        self.last_gram: Optional[Tuple[torch.Tensor, float]] = None  # the last step's (Gram, factor), for stats
+        self.updates = 0  # host updates since the last stats()
+        # CPU: one float32 host array [lam | u | n | balanced | coef | G~] whose parts *are* the
+        # state buffers (views of it, see `MultiBalance._share_buffers`), so that a step writes
+        # them with one Python slice assignment instead of a tensor creation and five copies
+        self.stage: Optional[array] = None
+        self.coef: Optional[torch.Tensor] = None  # [M], the view of the coefficients in `stage`
+        self.ptrs: Tuple[int, ...] = ()  # the buffers' data pointers while they are the views
+
+
+STAGED = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced")  # the [M] buffers in `stage`, in order
+_TYPECODES = {torch.float32: "f", torch.float64: "d"}  # array typecodes of the buffers' usual dtypes
+
+
+def _rounded(values: List[float], dtype: torch.dtype):
+    """values as a buffer of `dtype` holds them: a host array of that precision (rounded by the
+    same C cast as torch's), or for another dtype a tensor; both slice and `.tolist()` alike."""
+    code = _TYPECODES.get(dtype)
+    return array(code, values) if code else torch.tensor(values, dtype=dtype)
+
+
+def _tensor(values, dtype: torch.dtype) -> torch.Tensor:
+    """A `_rounded` result as a CPU tensor (an array's memory shared, not copied)."""
+    return torch.frombuffer(values, dtype=dtype) if isinstance(values, array) else values
+
+
 class MultiBalance(GradientBalancer):
     def __init__(self, num_tasks: int, cfg: MultiBalanceConfig):
         super().__init__(num_tasks)
@@ -258,7 +300,7 @@ class MultiBalance(GradientBalancer):
         self.deferred = DeferredGram(num_tasks) if cfg.deferred else None
         # the oscillation statistic (logging only, not checkpointed): host counts, and tensor
         # counts for the tensor step
-        self._reversals, self._last_delta, self._updates = [0] * num_tasks, [0.0] * num_tasks, 0
+        self._reversals, self._last_delta = [0] * num_tasks, [0.0] * num_tasks
         self._moved = [0.0] * num_tasks
         self._window = None  # the last window's (reversal share, mean step), for a repeated read
         # the warning's own window, over log windows (which may be shorter than its minimum)
@@ -270,11 +312,34 @@ class MultiBalance(GradientBalancer):
         self.register_buffer("update_count", torch.zeros(()), persistent=False)
         if cfg.gram_ema > 0:  # G~ [M, M], checkpointed (only then: other runs' checkpoints keep their keys)
             self.register_buffer("gram_tracked", torch.zeros(num_tasks, num_tasks))
-        # (lambda, u) as Python floats after a host step: read back from the buffers, which may
-        # live on an accelerator, only when unset (first step, after a load or a tensor step)
-        self._host: Optional[Tuple[List[float], List[float]]] = None
-        self._tracked: Optional[List[List[float]]] = None  # G~ as host floats after a host step
-        self._last_gram: Optional[Tuple[torch.Tensor, float]] = None  # the last step's (Gram, factor), for stats
+        self._hs = _HostState()
+        self._share_buffers()
+
+    def _share_buffers(self) -> None:
+        """Makes the state buffers views of one host array (`_HostState.stage`). Moving the module
+        (`.to(device)`, a deepcopy) replaces them with tensors of their own: `_staged` then sees
+        that their data pointers changed, and the step writes them with tensor copies instead."""
+        m, hs = self.num_tasks, self._hs
+        tracked = m * m if self.cfg.gram_ema > 0 else 0
+        hs.stage = array("f", bytes(4 * (5 * m + tracked)))
+        base = torch.frombuffer(hs.stage, dtype=torch.float32)  # shares the array's memory
+        for i, name in enumerate(STAGED):
+            view = base[i * m:(i + 1) * m]
+            view.copy_(getattr(self, name))
+            setattr(self, name, view)  # the same buffer (persistence kept), now a view
+        hs.coef = base[4 * m:5 * m]
+        if tracked:
+            view = base[5 * m:].view(m, m)
+            view.copy_(self.gram_tracked)
+            self.gram_tracked = view
+        hs.ptrs = self._buffer_ptrs()
+
+    def _buffer_ptrs(self) -> Tuple[int, ...]:
+        return tuple(getattr(self, n).data_ptr() for n in STAGED + (("gram_tracked",) if self.cfg.gram_ema > 0 else ()))
+
+    def _staged(self) -> bool:
+        """Whether the state buffers are still the views of the host array."""
+        return self._hs.ptrs == self._buffer_ptrs()
 
     def deferred_gram(self) -> Optional[DeferredGram]:
         return self.deferred
@@ -294,59 +359,88 @@ class MultiBalance(GradientBalancer):
         """Updates the state from the global Gram factor * gram [M, M]; -> the coefficients
         scale c_m [M] of the gradients passed on (`combination`), on the buffers' device."""
         if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
-            lam0, u = self._host or (self.weights.tolist(), self.ema_norm.tolist())
+            return self._step_host(gram, factor, scale)
+        return self._step_tensor(gram, factor, scale)
+
+    def _step_host(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
+        """`_step` in Python floats, where the Gram is on the host. The state is kept as the buffers
+        hold it (float32), so that a run resumed from a checkpoint continues with exactly the
+        straight run's state."""
+        hs, m = self._hs, self.num_tasks
+        with scope("host_step"):
+            lam0 = hs.lam if hs.lam is not None else self.weights.tolist()
+            u0 = hs.u if hs.u is not None else self.ema_norm.tolist()
             g = gram.tolist()
-            self._last_gram = (gram, factor)
-            tracked = self._track_host(g, factor) if self.cfg.gram_ema > 0 else None
-            lam, u, s, n = multibalance_update_host(g, lam0, u, self._prior, self.cfg, factor, tracked)
+            hs.last_gram = (gram, factor)
+            staged = self._staged()
+            tracked = self._track_host(g, factor, staged) if self.cfg.gram_ema > 0 else None
+            lam, u, s, n = multibalance_update_host(g, lam0, u0, self._prior, self.cfg, factor, tracked)
             self._count_reversals(lam0, lam)
             coef = combination(lam, u, s, self.cfg)
-            state = torch.tensor([lam, u, n, [c * x for c, x in zip(coef, n)], [c * scale for c in coef]],
-                                 dtype=self.weights.dtype)  # [5, M]
-            # kept as the buffers hold them (float32), so that a run resumed from a checkpoint
-            # continues with exactly the state the straight run has
-            self._host = (state[0].tolist(), state[1].tolist())
+            # [lam | u | n | balanced | coef], rounded to float32 as the buffers hold it
+            row = _rounded(lam + u + n + [c * x for c, x in zip(coef, n)] + [c * scale for c in coef],
+                           self.weights.dtype)
+            hs.lam, hs.u = row[:m].tolist(), row[m:2 * m].tolist()
+        with scope("state_tensors"):
+            if staged:  # the buffers are views of the stage: written in one slice
+                hs.stage[:5 * m] = row
+                return hs.coef
+            state = _tensor(row, self.weights.dtype).view(5, m)  # [5, M]
             if self.weights.device.type != "cpu":  # one asynchronous upload
                 state = state.pin_memory().to(self.weights.device, non_blocking=True)
-            lam_t, u_t, n_t, balanced, coef_t = state.unbind(0)
-        else:
-            gram = gram.to(self.weights.dtype) * factor
-            self._last_gram = (gram, 1.0)
-            tracked = self._track(gram) if self.cfg.gram_ema > 0 else None
-            lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg,
-                                                       tracked)
-            delta = lam_t - self.weights
-            self.reversals += (delta * self.last_delta < 0).to(self.reversals.dtype)  # no sync
-            self.moved += delta.abs()
-            self.last_delta.copy_(torch.where(delta != 0, delta, self.last_delta))
-            self.update_count += 1
-            c = combination_tensor(lam_t, u_t, s_t, self.cfg)
-            balanced, coef_t = c * n_t, c * scale
-            self._host = None
+            for name, values in zip(STAGED, state.unbind(0)):
+                getattr(self, name).copy_(values)
+            return state[4]
+
+    def _step_tensor(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
+        """`_step` where the Gram is on an accelerator (the exact form: reading this step's Gram
+        would stall the device queue), as sync-free tensor ops."""
+        gram = gram.to(self.weights.dtype) * factor
+        self._hs.last_gram = (gram, 1.0)
+        tracked = self._track(gram) if self.cfg.gram_ema > 0 else None
+        lam_t, u_t, s_t, n_t = multibalance_update(gram, self.weights, self.ema_norm, self.prior, self.cfg, tracked)
+        delta = lam_t - self.weights
+        self.reversals += (delta * self.last_delta < 0).to(self.reversals.dtype)  # no sync
+        self.moved += delta.abs()
+        self.last_delta.copy_(torch.where(delta != 0, delta, self.last_delta))
+        self.update_count += 1
+        c = combination_tensor(lam_t, u_t, s_t, self.cfg)
+        self._hs.lam = self._hs.u = None  # the buffers are the state now
         self.weights.copy_(lam_t)
         self.ema_norm.copy_(u_t)
         self.grad_norm.copy_(n_t)
-        self.grad_norm_balanced.copy_(balanced)
-        return coef_t
+        self.grad_norm_balanced.copy_(c * n_t)
+        return c * scale
 
-    def _track_host(self, gram: List[List[float]], factor: float) -> List[List[float]]:
+    def _track_host(self, gram: List[List[float]], factor: float, staged: bool) -> List[List[float]]:
         """G~ <- (1 - eta) G~ + eta factor G on the pairs of tasks that have a gradient now (a pair
         seen for the first time takes this step's value) -> G~ as the buffer holds it (float32,
         so that a resumed run continues with exactly the straight run's state)."""
-        eta, m = self.cfg.gram_ema, len(gram)
+        eta, m, hs = self.cfg.gram_ema, len(gram), self._hs
         # the host copy of the last step's G~; read back from the buffer (which may live on an
         # accelerator: a sync) only when unset, i.e. at the first step or after a load
-        old = self._tracked if self._tracked is not None else self.gram_tracked.tolist()
+        old = hs.tracked if hs.tracked is not None else self.gram_tracked.tolist()
         now = [gram[i][i] > 0 for i in range(m)]
         seen = [old[i][i] > 0 for i in range(m)]
-        new = [[(old[i][j] + eta * (gram[i][j] * factor - old[i][j]) if seen[i] and seen[j] else gram[i][j] * factor)
-                if now[i] and now[j] else old[i][j] for j in range(m)] for i in range(m)]
-        kept = torch.tensor(new, dtype=self.gram_tracked.dtype)
-        self._tracked = kept.tolist()
-        if self.gram_tracked.device.type != "cpu":  # one asynchronous upload, as for the state
-            kept = kept.pin_memory().to(self.gram_tracked.device, non_blocking=True)
-        self.gram_tracked.copy_(kept)
-        return self._tracked
+        values: List[float] = []
+        for o_row, g_row, now_i, seen_i in zip(old, gram, now, seen):
+            if not now_i:
+                values += o_row
+                continue
+            values += [(o + eta * (x * factor - o) if seen_i and seen_j else x * factor) if now_j else o
+                       for o, x, now_j, seen_j in zip(o_row, g_row, now, seen)]
+        kept = _rounded(values, self.gram_tracked.dtype)  # [M * M]
+        flat = kept.tolist()
+        hs.tracked = [flat[i * m:(i + 1) * m] for i in range(m)]
+        with scope("state_tensors"):
+            if staged:
+                hs.stage[5 * m:] = kept
+            else:
+                new = _tensor(kept, self.gram_tracked.dtype).view(m, m)
+                if self.gram_tracked.device.type != "cpu":  # one asynchronous upload, as for the state
+                    new = new.pin_memory().to(self.gram_tracked.device, non_blocking=True)
+                self.gram_tracked.copy_(new)
+        return hs.tracked
 
     def _track(self, gram: torch.Tensor) -> torch.Tensor:
         """`_track_host` as sync-free tensor ops; gram [M, M] in global units."""
@@ -355,19 +449,20 @@ class MultiBalance(GradientBalancer):
         both_now, both_seen = torch.outer(now, now), torch.outer(seen, seen)
         new = torch.where(both_now, torch.where(both_seen, torch.lerp(old, gram, self.cfg.gram_ema), gram), old)
         self.gram_tracked.copy_(new)
-        self._tracked = None  # the buffer is the state now
+        self._hs.tracked = None  # the buffer is the state now
         return self.gram_tracked
 
     def _count_reversals(self, old: List[float], new: List[float]) -> None:
         """Per task: did lambda_m's update change direction? (host floats; see `stats`)"""
+        last, reversals, moved = self._last_delta, self._reversals, self._moved
         for m, (a, b) in enumerate(zip(old, new)):
             delta = b - a
-            if delta * self._last_delta[m] < 0:
-                self._reversals[m] += 1
-            self._moved[m] += abs(delta)
+            if delta * last[m] < 0:
+                reversals[m] += 1
+            moved[m] += abs(delta)
             if delta != 0:
-                self._last_delta[m] = delta
-        self._updates += 1
+                last[m] = delta
+        self._hs.updates += 1
 
     def stats(self) -> Dict[str, torch.Tensor]:
         """Adds, per task and since the last call: `lambda_reversal`, the share of updates whose
@@ -376,7 +471,7 @@ class MultiBalance(GradientBalancer):
         limit of these task gradients) gives a warning; a converged lambda jitters (reversals
         near half the updates) by small steps."""
         out = super().stats()
-        updates = self._updates + int(self.update_count)  # (a read at log / check steps only)
+        updates = self._hs.updates + int(self.update_count)  # (a read at log / check steps only)
         if updates == 0 and self._window is not None:
             # a second read at the same step (the guard's, then the log's): the same window
             out["lambda_reversal"], out["lambda_step"], out["grad_cosine"] = self._window
@@ -388,7 +483,7 @@ class MultiBalance(GradientBalancer):
         out["grad_cosine"] = self._mean_cosine()
         self._window = (out["lambda_reversal"], out["lambda_step"], out["grad_cosine"])
         self._maybe_warn(float(rev.mean()), float(moved.mean()), updates)
-        self._reversals, self._moved, self._updates = [0] * self.num_tasks, [0.0] * self.num_tasks, 0
+        self._reversals, self._moved, self._hs.updates = [0] * self.num_tasks, [0.0] * self.num_tasks, 0
         for counts in (self.reversals, self.moved, self.update_count):
             counts.zero_()
         return out
@@ -398,8 +493,9 @@ class MultiBalance(GradientBalancer):
         other tasks' with a gradient, at the last step (a sample per log window: no cost in the
         steps between); 0 for a task without gradient, or before any step."""
         out = torch.zeros(self.num_tasks, dtype=self.weights.dtype)
-        if self._last_gram is not None:
-            gram = self._last_gram[0].detach().to("cpu", torch.float64) * self._last_gram[1]
+        last = self._hs.last_gram
+        if last is not None:
+            gram = last[0].detach().to("cpu", torch.float64) * last[1]
             norm = gram.diagonal().clamp(min=0).sqrt()
             live = norm > 0
             if int(live.sum()) >= 2:
@@ -428,7 +524,7 @@ class MultiBalance(GradientBalancer):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._host = self._tracked = None  # the loaded buffers are the state now
+        self._hs.lam = self._hs.u = self._hs.tracked = None  # the loaded buffers are the state now
 
 
 def _is_first_rank() -> bool:

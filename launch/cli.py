@@ -226,7 +226,8 @@ def cmd_compare_worker(args) -> int:
 def _bench_args(args) -> List[str]:
     out = ["--variants", args.variants, "--rounds", str(args.rounds), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", args.out]
-    return out + (["--parquet"] if args.parquet else []) + (["--one-at-a-time"] if args.one_at_a_time else [])
+    return out + (["--parquet"] if args.parquet else []) + (["--one-at-a-time"] if args.one_at_a_time else []) + (
+        ["--breakdown"] if args.breakdown else [])
 
 
 def cmd_bench(args) -> int:
@@ -236,7 +237,9 @@ def cmd_bench(args) -> int:
                 pass_overrides=False)
     if rc == 0 and Path(args.out).is_file():
         from trainer.bench import format_table
-        print(format_table(json.loads(Path(args.out).read_text())))
+        from trainer.breakdown import format_breakdown
+        result = json.loads(Path(args.out).read_text())
+        print(format_breakdown(result["variants"]) if args.breakdown else format_table(result))
     return rc
 
 
@@ -247,11 +250,25 @@ def cmd_bench_worker(args) -> int:
     bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
                         warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time)
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
+    if args.breakdown:
+        return _breakdown_worker(cfg, bench, env, args.out)
     result = run_bench(cfg, bench, env)
     if env.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_result(result, args.out)
         print(format_table(result), flush=True)
+    return 0
+
+
+def _breakdown_worker(cfg, bench, env, out: str) -> int:
+    from trainer.bench import write_result
+    from trainer.breakdown import format_breakdown, run_breakdown
+    rows = run_breakdown(cfg, bench.variants, bench.steps, bench.warmup_steps, env)
+    if env.is_main:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_result({"kind": "breakdown", "rank": env.rank, "world_size": env.world_size,
+                      "tasks": len(cfg.data.tasks), "variants": rows}, out)
+        print(format_breakdown(rows), flush=True)
     return 0
 
 
@@ -396,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--warmup", type=int, default=10)
         sp.add_argument("--parquet", action="store_true", help="read the config's train files")
         sp.add_argument("--one-at-a-time", action="store_true", help="build one variant at a time (GPU memory)")
+        sp.add_argument("--breakdown", action="store_true",
+                        help="profile one step of each variant instead: where its time goes (trainer/breakdown.py)")
         sp.add_argument("--out", default="runs/bench/bench.json")
         if name == "bench":
             add_launcher(sp)

@@ -290,7 +290,8 @@ class DeferredGram(nn.Module):
 def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """sum_m coef_m grads_m: coef [M], grads [M, ...] -> [...], as one matrix-vector product."""
     with scope("combine"):
-        return (coef.to(grads.dtype) @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
+        coef = coef if coef.dtype == grads.dtype else coef.to(grads.dtype)
+        return (coef @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
 
 
 GRAM_CHUNKS = 256  # at most; on accelerators (see local_gram)

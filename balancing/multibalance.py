@@ -129,7 +129,7 @@ def stability_cap(gram_v: List[List[float]], active: List[bool], cosine: bool, n
         for i in idx:
             row, vi = gram_v[i], vn[i]
             # x / max(sqrt(vn_i vn_j), EPS) / denom, with the max as a conditional (same value, NaN included)
-            a.append([row[j] / (EPS if EPS > sqrt(vi * vn[j]) else sqrt(vi * vn[j])) / denom for j in idx])
+            a.append([row[j] / (EPS if EPS > (r := sqrt(vi * vn[j])) else r) / denom for j in idx])
     else:
         a = [[gram_v[i][j] for j in idx] for i in idx]
     # a [k][l] over the active tasks: (k, k) is task idx[k]'s diagonal entry
@@ -335,7 +335,9 @@ class MultiBalance(GradientBalancer):
         hs.ptrs = self._buffer_ptrs()
 
     def _buffer_ptrs(self) -> Tuple[int, ...]:
-        return tuple(getattr(self, n).data_ptr() for n in STAGED + (("gram_tracked",) if self.cfg.gram_ema > 0 else ()))
+        b = self._buffers  # (nn.Module's own dict of them: an attribute read each would cost more)
+        return (b["weights"].data_ptr(), b["ema_norm"].data_ptr(), b["grad_norm"].data_ptr(),
+                b["grad_norm_balanced"].data_ptr(), b["gram_tracked"].data_ptr() if "gram_tracked" in b else 0)
 
     def _staged(self) -> bool:
         """Whether the state buffers are still the views of the host array."""

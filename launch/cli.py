@@ -226,8 +226,9 @@ def cmd_compare_worker(args) -> int:
 def _bench_args(args) -> List[str]:
     out = ["--variants", args.variants, "--rounds", str(args.rounds), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", args.out]
-    return out + (["--parquet"] if args.parquet else []) + (["--one-at-a-time"] if args.one_at_a_time else []) + (
-        ["--breakdown"] if args.breakdown else [])
+    flags = (("--parquet", args.parquet), ("--one-at-a-time", args.one_at_a_time), ("--breakdown", args.breakdown),
+             ("--no-pin", not args.pin))
+    return out + [flag for flag, on in flags if on]
 
 
 def cmd_bench(args) -> int:
@@ -248,7 +249,8 @@ def cmd_bench_worker(args) -> int:
     from trainer.build import init_distributed
     cfg = load_config(args.config, args.set)
     bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
-                        warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time)
+                        warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time,
+                        pin=args.pin)
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     if args.breakdown:
         return _breakdown_worker(cfg, bench, env, args.out)
@@ -408,9 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in (("bench", cmd_bench), ("bench-worker", cmd_bench_worker)):
         sp = add(name, fn)
         sp.add_argument("--variants", default="equal,multibalance,param_mgda,dlrm_dcn")
-        sp.add_argument("--rounds", type=int, default=3)
-        sp.add_argument("--steps", type=int, default=50, help="timed steps per variant per round")
-        sp.add_argument("--warmup", type=int, default=10)
+        sp.add_argument("--rounds", type=int, default=200, help="rounds (>= 8 for an interval; the table says "
+                        "how many an interval of +-1 %% needs)")
+        sp.add_argument("--steps", type=int, default=2, help="timed steps per variant per round (short rounds pair "
+                        "the variants closely in time)")
+        sp.add_argument("--warmup", type=int, default=10, help="steps before a variant's first round")
+        sp.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="CPU: leave the ranks' threads where the OS puts them")
         sp.add_argument("--parquet", action="store_true", help="read the config's train files")
         sp.add_argument("--one-at-a-time", action="store_true", help="build one variant at a time (GPU memory)")
         sp.add_argument("--breakdown", action="store_true",

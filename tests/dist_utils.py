@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Any, Callable, List
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -22,6 +23,9 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # one intra-op thread per rank, as torchrun gives a job of several ranks per node: with the
+    # default (one per core) the ranks' threads contend for the same cores
+    torch.set_num_threads(1)
     # a rank that hangs shows where, in the test's output, before the parent gives up on it
     faulthandler.dump_traceback_later(TIMEOUT_S - 30, exit=False)
     try:

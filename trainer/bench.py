@@ -9,6 +9,14 @@ in one job, alternating variants over several rounds (shared machines are noisy)
 
 Input: in-memory random batches (default; isolates the model) or the config's Parquet files.
 Each variant runs through DMP + TrainPipelineSparseDist exactly as in training.
+
+Three measures per round, each compared with equal weights' in the same round (paired), with the
+distribution-free 95 % interval of the median ratio and the rounds an interval of +-1 % needs:
+  wall     samples per second over the round (what a job sees; the noisiest)
+  step     from the median step time of the round (robust to a step stalled by the machine)
+  cpu      from this process's CPU time per step, all its threads (time descheduled not counted)
+On a CPU each rank is pinned to its own cores with one intra-op thread per core (`pin`): ranks
+that share cores time each other's scheduling more than their own work.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -41,12 +50,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class BenchConfig:
     variants: List[str] = field(default_factory=lambda: ["equal", "multibalance", "param_mgda", "dlrm_dcn"])
-    rounds: int = 3
-    warmup_steps: int = 10
-    steps: int = 50
+    rounds: int = 200
+    warmup_steps: int = 10  # before a variant's first round (each round, for one built per round)
+    steps: int = 2  # per variant per round: short rounds pair the variants' steps closely in time
     parquet: bool = False  # read the config's train files instead of in-memory batches
     one_at_a_time: bool = False  # build each variant anew per round (GPU memory), else keep all
     distinct_batches: int = 8
+    pin: bool = True  # CPU: each rank on its own cores (see the module docstring)
 
 
 # the multi-task variants: name -> (balancer method, MultiBalance's `deferred`, None = as configured)
@@ -112,23 +122,50 @@ def _sync(env: DistEnv) -> None:
         dist.barrier()
 
 
-def _run(pipeline, batches: Iterator, steps: int) -> None:
-    it = itertools.islice(batches, steps)  # the pipeline drains it: no batch left in flight
-    while True:
+MEASURES = ("wall", "step", "cpu")
+
+
+def pin_cpu(env: DistEnv) -> List[int]:
+    """On a CPU: this rank's share of the cores the job may use (by local rank), for every
+    thread of the process (gloo's, DDP's) and with one intra-op thread per core; -> the cores,
+    or [] where there is nothing to pin (an accelerator, more ranks than cores, no affinity)."""
+    if env.device.type != "cpu" or not hasattr(os, "sched_setaffinity"):
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // max(env.local_world_size, 1)
+    if per < 1:
+        return []
+    mine = set(cores[env.local_rank * per:(env.local_rank + 1) * per])
+    for tid in os.listdir("/proc/self/task"):  # threads started later inherit the main thread's
         try:
-            pipeline.progress(it)
-        except StopIteration:
-            return
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    torch.set_num_threads(per)
+    return sorted(mine)
 
 
-def time_steps(pipeline, batches: Iterator, steps: int, warmup: int, env: DistEnv) -> float:
-    """Seconds for `steps` training steps after `warmup` ones."""
-    _run(pipeline, batches, warmup)
+def time_steps(pipeline, batches: Iterator, steps: int, warmup: int, env: DistEnv) -> Dict[str, float]:
+    """`steps` training steps after `warmup` ones, from an endless `batches` that the pipeline
+    keeps between calls (in its steady state: no fill or drain is timed) -> {"secs": wall
+    seconds, "step": the median step's seconds, "cpu": CPU seconds per step}, the last two
+    averaged over the ranks."""
+    for _ in range(warmup):
+        pipeline.progress(batches)
     _sync(env)
-    t0 = time.perf_counter()
-    _run(pipeline, batches, steps)
+    per_step = []
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        s0 = time.perf_counter()
+        pipeline.progress(batches)
+        per_step.append(time.perf_counter() - s0)
     _sync(env)
-    return time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    local = torch.tensor([statistics.median(per_step), cpu / steps], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(local)  # (a CPU tensor: gloo; on NCCL the ranks' own are kept)
+        local /= env.world_size
+    return {"secs": secs, "step": float(local[0]), "cpu": float(local[1])}
 
 
 def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
@@ -141,24 +178,36 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
         if env.device.type == "cuda":  # host-to-device copies as fast as the reader's (pinned) batches
             fixed = [b.pin_memory() for b in fixed]
         source = lambda: itertools.cycle(fixed)  # noqa: E731
+    pinned = pin_cpu(env) if bench.pin else []
     built = _build_resident(cfg, bench, env)
-    qps: Dict[str, List[float]] = {v: [] for v in bench.variants}
+    qps: Dict[str, Dict[str, List[float]]] = {v: {m: [] for m in MEASURES} for v in bench.variants}
+    samples = cfg.data.batch_size * env.world_size  # per step
+    streams: Dict[str, Iterator] = {}  # a resident variant's batches, kept between rounds with its pipeline
     with precision_context(cfg.trainer.precision, env.device):
         for r in range(bench.rounds):
             order = bench.variants[r % len(bench.variants):] + bench.variants[:r % len(bench.variants)]
             for v in order:  # rotated each round: no variant always runs first
-
                 pipeline, convert = built[v] if v in built else build_variant(v, cfg, env)
-                secs = time_steps(pipeline, map(convert, source()), bench.steps, bench.warmup_steps, env)
-                qps[v].append(bench.steps * cfg.data.batch_size * env.world_size / secs)
-                if env.is_main:
-                    log.info("round %d %-13s %12.0f samples/s", r, v, qps[v][-1])
+                fresh = v not in streams
+                batches = streams[v] if not fresh else map(convert, source())
+                if v in built:
+                    streams[v] = batches  # warmed up once, then timed round after round in its steady state
+                warmup = bench.warmup_steps if fresh else 0
+                t = time_steps(pipeline, batches, bench.steps, warmup, env)
+                for m, x in (("wall", bench.steps * samples / t["secs"]), ("step", samples / t["step"]),
+                             ("cpu", samples / t["cpu"])):
+                    qps[v][m].append(x)
+                if env.is_main and (r + 1) % max(bench.rounds // 10, 1) == 0:  # (few lines: printing costs CPU)
+                    log.info("round %d %-13s %12.0f samples/s (%.3f ms median step, %.3f ms CPU per step)", r, v,
+                             qps[v]["wall"][-1], 1e3 * t["step"], 1e3 * t["cpu"])
                 if v not in built:
                     del pipeline
                     gc.collect()
                     if env.device.type == "cuda":
                         torch.cuda.empty_cache()
-    return summarize(qps, cfg, bench, env)
+    result = summarize(qps, cfg, bench, env)
+    result["pinned_cores"], result["threads"] = pinned, torch.get_num_threads()
+    return result
 
 
 def fits_resident(per_variant: int, free: int, variants: int, headroom: float = 0.6) -> bool:
@@ -193,24 +242,40 @@ def _build_resident(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     return {**built, **{v: build_variant(v, cfg, env) for v in bench.variants[1:]}}
 
 
-def summarize(qps: Dict[str, List[float]], cfg, bench: BenchConfig, env: DistEnv) -> Dict:
+def summarize(qps: Dict[str, Dict[str, List[float]]], cfg, bench: BenchConfig, env: DistEnv) -> Dict:
+    """qps {variant: {measure: [per round]}} -> the result: per variant the wall QPS (best,
+    median, rounds) and, against equal weights, each measure's paired ratio and interval."""
     base = qps.get("equal")
     rows = {}
-    for v, vals in qps.items():
-        row = {"best": max(vals), "median": statistics.median(vals), "rounds": vals}
+    for v, by in qps.items():
+        vals = by["wall"]
+        row = {"best": max(vals), "median": statistics.median(vals), "rounds": vals, "measures": {}}
         if base:
-            row["ratio_best"] = max(vals) / max(base)
-            row["ratio_median"] = statistics.median(vals) / statistics.median(base)
-            # the median of same-round ratios: robust to the machine's speed drifting between rounds
-            paired = sorted(v / b for v, b in zip(vals, base))
-            row["ratio_paired"] = statistics.median(paired)
-            row["ratio_paired_ci95"] = median_ci95(paired)
+            row["ratio_best"] = max(vals) / max(base["wall"])
+            row["ratio_median"] = statistics.median(vals) / statistics.median(base["wall"])
+            for m in MEASURES:
+                row["measures"][m] = paired_ratio(by[m], base[m])
+            row["ratio_paired"] = row["measures"]["wall"]["ratio"]
+            row["ratio_paired_ci95"] = row["measures"]["wall"]["ci95"]
         rows[v] = row
     return {"device": str(env.device) if env.device.type == "cpu" else torch.cuda.get_device_name(env.device),
             "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
             "precision": cfg.trainer.precision, "embedding_precision": cfg.model.embedding_precision,
             "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps,
             "one_at_a_time": bench.one_at_a_time, "variants": rows}
+
+
+def paired_ratio(values: List[float], base: List[float], width: float = 0.01) -> Dict:
+    """The median of same-round ratios values / base (robust to the machine's speed drifting
+    between rounds), its 95 % interval, and the rounds an interval of +-`width` would need: from
+    the ratios' spread (1.4826 MAD of their logs, a robust standard deviation) and the median's
+    standard error, 1.2533 s / sqrt(n) for normal noise."""
+    paired = sorted(v / b for v, b in zip(values, base))
+    logs = [math.log(x) for x in paired]
+    centre = statistics.median(logs)
+    spread = 1.4826 * statistics.median([abs(x - centre) for x in logs])
+    need = math.ceil((1.96 * 1.2533 * spread / width) ** 2)
+    return {"ratio": statistics.median(paired), "ci95": median_ci95(paired), "rounds_for_1pct": max(need, 8)}
 
 
 def median_ci95(values: List[float]) -> Optional[List[float]]:
@@ -223,15 +288,21 @@ def median_ci95(values: List[float]) -> Optional[List[float]]:
 
 
 def format_table(result: Dict) -> str:
+    pinned = result.get("pinned_cores")
     lines = [f"{result['device']} x {result['world_size']} ranks, batch {result['batch_size_per_rank']}/rank, "
-             f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input",
-             f"{'variant':<22}{'best QPS':>11}{'median QPS':>11}{'best/equal':>11}{'median/equal':>13}"
-             f"{'paired/equal':>13}{'paired 95% CI':>18}"]
-    nan = float("nan")
+             f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input, "
+             f"{len(next(iter(result['variants'].values()))['rounds'])} rounds of {result['steps']} steps"
+             + (f", rank 0 pinned to cores {pinned}, {result.get('threads')} thread(s)" if pinned else ""),
+             "paired/equal: the median of same-round ratios to equal weights (95 % interval); rounds: what an "
+             "interval of +-1 % needs",
+             f"{'variant':<22}{'median QPS':>11}" + "".join(f"{m + ' paired/equal':>33}" for m in MEASURES)]
     for v, r in result["variants"].items():
-        lines.append(f"{v:<22}{r['best']:>11.0f}{r['median']:>11.0f}{r.get('ratio_best', nan):>11.4f}"
-                     f"{r.get('ratio_median', nan):>13.4f}{r.get('ratio_paired', nan):>13.4f}"
-                     + (f"{'%.4f-%.4f' % tuple(r['ratio_paired_ci95']):>18}" if r.get("ratio_paired_ci95") else ""))
+        cells = []
+        for m in MEASURES:
+            x = r.get("measures", {}).get(m)
+            ci = "%.4f-%.4f" % tuple(x["ci95"]) if x and x["ci95"] else "(< 8 rounds)"
+            cells.append(f"{x['ratio']:>8.4f} ({ci}) {x['rounds_for_1pct']:>4}" if x else f"{'':>33}")
+        lines.append(f"{v:<22}{r['median']:>11.0f}" + "".join(f"{c:>33}" for c in cells))
     return "\n".join(lines)
 
 

@@ -103,7 +103,8 @@ def profile_variant(pipeline, batches: Iterator, steps: int, warmup: int) -> Dic
 
 def run_breakdown(cfg, variants: List[str], steps: int, warmup: int, env) -> Dict:
     """{variant: profile_variant(...)} on this rank (every rank runs the same steps)."""
-    from trainer.bench import build_variant, random_batches
+    from trainer.bench import build_variant, pin_cpu, random_batches
+    pin_cpu(env)
     fixed = random_batches(cfg, 8, seed=env.rank)
     out = {}
     for v in variants:

@@ -20,7 +20,8 @@ import contextlib
 from dataclasses import dataclass
 import logging
 import math
-from typing import Dict, Optional, Tuple
+import time
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,22 +30,45 @@ from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
-# Named profiler ranges around the parts of a balancer's step, for `mbrec bench --breakdown`.
+# Named ranges around the parts of a balancer's step, for `mbrec bench --breakdown`: torch
+# profiler ranges, or wall-clock timers (inclusive: a range's time contains its inner ranges').
 # Off by default: a torch record_function costs ~6 us even with no profiler running, which is
 # what this code is measured against; off, a scope is one shared no-op context (~0.2 us).
 _NO_SCOPE = contextlib.nullcontext()
-_scopes_on = False
+_scopes: Optional[str] = None  # None, "profiler" or "timer"
+SCOPE_TIMES: Dict[str, List[float]] = {}  # "timer": name -> [seconds, calls]
 
 
-def profile_scopes(on: bool) -> None:
-    """Turns the balancers' named profiler ranges (`scope`) on or off, for this process."""
-    global _scopes_on
-    _scopes_on = on
+def profile_scopes(mode: Optional[str]) -> None:
+    """Sets the balancers' named ranges (`scope`) for this process: "profiler", "timer" (adding
+    to SCOPE_TIMES) or None (off)."""
+    global _scopes
+    if mode not in (None, "profiler", "timer"):
+        raise ValueError(f"scope mode must be None, 'profiler' or 'timer', got {mode!r}")
+    _scopes = mode
+
+
+class _Timer:
+    __slots__ = ("name", "t0")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        acc = SCOPE_TIMES.setdefault(self.name, [0.0, 0])
+        acc[0] += time.perf_counter() - self.t0
+        acc[1] += 1
+        return False
 
 
 def scope(name: str):
-    """A torch.profiler range `mbrec.<name>` when `profile_scopes(True)`, else a no-op."""
-    return torch.profiler.record_function(f"mbrec.{name}") if _scopes_on else _NO_SCOPE
+    """A range `mbrec.<name>` as `profile_scopes` set it, else a no-op."""
+    if _scopes is None:
+        return _NO_SCOPE
+    return torch.profiler.record_function(f"mbrec.{name}") if _scopes == "profiler" else _Timer(name)
 
 
 class Balancer(nn.Module):

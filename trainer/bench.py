@@ -3,7 +3,8 @@ in one job, alternating variants over several rounds (shared machines are noisy)
 
     equal         the multi-task model, sum of task losses
     multibalance  the same model with MultiBalance on the shared representation, as configured
-                  (`multibalance_exact` / `multibalance_deferred`: with `deferred` off / on)
+                  (`multibalance_exact` / `multibalance_deferred`: with `deferred` off / on;
+                  `multibalance_paper`: the paper's step on each step's own Gram)
     param_mgda    MGDA on the interaction module's parameters (M extra backward passes)
     dlrm_dcn      torchrec.models.dlrm.DLRM_DCN, single task, same tables / dense / cross sizes
 
@@ -21,6 +22,7 @@ that share cores time each other's scheduling more than their own work.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import itertools
 import json
@@ -59,10 +61,13 @@ class BenchConfig:
     pin: bool = True  # CPU: each rank on its own cores (see the module docstring)
 
 
-# the multi-task variants: name -> (balancer method, MultiBalance's `deferred`, None = as configured)
-MULTI_TASK = {"equal": ("equal", None), "multibalance": ("multibalance", None),
-              "multibalance_exact": ("multibalance", False), "multibalance_deferred": ("multibalance", True),
-              "param_mgda": ("param_mgda", None), "mgda": ("mgda", None)}
+# the multi-task variants: name -> (balancer method, MultiBalance settings over the configured ones)
+MULTI_TASK = {"equal": ("equal", {}), "multibalance": ("multibalance", {}),
+              "multibalance_exact": ("multibalance", {"deferred": False}),
+              "multibalance_deferred": ("multibalance", {"deferred": True}),
+              # the paper's form: its step on this step's Gram (the default tracks the Gram, capped step)
+              "multibalance_paper": ("multibalance", {"step": "paper", "gram_ema": 0.0}),
+              "param_mgda": ("param_mgda", {}), "mgda": ("mgda", {})}
 
 
 def random_batches(cfg, n: int, seed: int) -> List[Batch]:
@@ -106,9 +111,8 @@ def build_variant(name: str, cfg, env: DistEnv):
     if name not in MULTI_TASK:
         raise ValueError(f"unknown bench variant {name!r}; known: {', '.join([*MULTI_TASK, 'dlrm_dcn'])}")
     cfg = copy.deepcopy(cfg)
-    cfg.balancer.method, deferred = MULTI_TASK[name]
-    if deferred is not None:
-        cfg.balancer.multibalance.deferred = deferred
+    cfg.balancer.method, settings = MULTI_TASK[name]
+    cfg.balancer.multibalance = dataclasses.replace(cfg.balancer.multibalance, **settings)
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
     _, _, pipeline = build_training(module, cfg, env)

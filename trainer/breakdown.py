@@ -1,7 +1,9 @@
 """`mbrec bench --breakdown`: where one training step's time goes, per variant.
 
-Each variant runs `steps` training steps (DMP + the train pipeline, as in training) under
-torch.profiler (CPU activities). Every profiled event inside a step belongs to the innermost
+The variants run one step each in turn (DMP + the train pipeline, as in training; the machine's
+speed drifts by tens of percent over a minute here, so variants timed one after the other
+would not compare), `steps` times without and `steps` times with torch.profiler (CPU
+activities). Every profiled event inside a step belongs to the innermost
 named range around it: the train pipeline's own (`## forward ##`, `## backward ##`,
 `## optimizer ##`, ...) or the balancer's (`mbrec.local_gram`, `mbrec.host_step`, ..., see
 `balancing.base.scope`), and its self time (its time minus its children's) is added to that
@@ -13,6 +15,7 @@ while the unprofiled step time is the one that counts).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
@@ -23,9 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from balancing.base import profile_scopes
+from balancing.base import SCOPE_TIMES, profile_scopes
 
 STEP = "mbrec.step"
+TOP = "pipeline (between ranges)"  # the step's own row: time in none of the pipeline's ranges
 # the train pipeline's ranges, by their first word (`## forward 3 ##` -> forward)
 PIPELINE = ("forward", "backward", "optimizer", "zero_grad", "wait_for_batch", "next_batch", "start_sparse_data_dist",
             "wait_sparse_data_dist", "copy_batch_to_gpu", "load_batch")
@@ -34,38 +38,38 @@ BY_NAME = (("_FanOutBackward", "autograd node _FanOutBackward"), ("all_reduce", 
            ("allreduce", "all-reduce (DDP, Gram)"))
 
 
-def _label(name: str) -> str:
-    """The row an event starts, or '' for an op that belongs to its parent's row."""
+def _label(name: str, row: str) -> Tuple[str, bool]:
+    """(the row of an event inside `row`, whether it is a named range). A named range nested in
+    the pipeline's (torchrec's own, `## All2All_Pooled_bwd ##`) stays in its parent's row."""
     if name.startswith("mbrec."):
-        return "balancer " + name[len("mbrec."):]
+        return "balancer " + name[len("mbrec."):], True
     if name.startswith("## "):
         word = name[3:].split(" ")[0]
-        return ("pipeline " + word) if word in PIPELINE else "pipeline other"
-    for key, row in BY_NAME:
+        return ("pipeline " + word if word in PIPELINE and row == TOP else row), True
+    for key, label in BY_NAME:
         if key in name:
-            return row
-    return ""
+            return label, True
+    return row, False
 
 
-def attribute(events) -> Tuple[Dict[str, Dict[str, float]], float, int]:
-    """profiler events -> ({row: {"ops": us, "python": us}}, summed step time in us, steps).
+def attribute(events, root: str = STEP) -> Tuple[Dict[str, Dict[str, float]], float, int]:
+    """profiler events -> ({row: {"ops": us, "python": us}}, summed step time in us, steps), over
+    the ranges named `root`.
 
-    Walks the tree under each `mbrec.step` range: an event with a label starts its row and its
+    Walks the tree under each `root` range: an event with a label starts its row and its
     self time is that row's Python; an unlabelled op's self time goes to the row it runs in."""
     rows: Dict[str, Dict[str, float]] = defaultdict(lambda: {"ops": 0.0, "python": 0.0})
     total, steps = 0.0, 0
-    for root in events:
-        if root.name != STEP or root.cpu_parent is not None:
+    for top in events:
+        if top.name != root or top.cpu_parent is not None:
             continue
         steps += 1
-        total += root.cpu_time_total
-        stack = [(root, "pipeline (between ranges)", True)]
+        total += top.cpu_time_total
+        stack = [(top, TOP, True)]
         while stack:
             e, row, named = stack.pop()
             rows[row]["python" if named else "ops"] += e.self_cpu_time_total
-            for child in e.cpu_children:
-                label = _label(child.name)
-                stack.append((child, label or row, bool(label)))
+            stack.extend((child, *_label(child.name, row)) for child in e.cpu_children)
     return dict(rows), total, steps
 
 
@@ -74,45 +78,65 @@ def check(rows: Dict[str, Dict[str, float]], total: float) -> float:
     return sum(r["ops"] + r["python"] for r in rows.values()) - total
 
 
-def _steps(pipeline, batches: Iterator, n: int) -> None:
-    for _ in range(n):
-        pipeline.progress(batches)
+def interleaved(pipelines: Dict[str, Tuple], steps: int, wrap=None) -> Dict[str, List[float]]:
+    """One step of each variant in turn, `steps` times (the order reversed every other time):
+    the variants see the same moments of a noisy machine, as the bench's rounds do. `wrap(v)`:
+    a context around each step (the profiler's range). -> per variant, each step's seconds."""
+    names = list(pipelines)
+    times: Dict[str, List[float]] = {v: [] for v in names}
+    for i in range(steps):
+        for v in names if i % 2 == 0 else names[::-1]:
+            pipeline, batches = pipelines[v]
+            t0 = time.perf_counter()
+            with wrap(v) if wrap else _NULL:
+                pipeline.progress(batches)
+            times[v].append(time.perf_counter() - t0)
+    return times
 
 
-def profile_variant(pipeline, batches: Iterator, steps: int, warmup: int) -> Dict:
-    """Times `steps` steps without the profiler, then profiles `steps` more -> the row table."""
-    _steps(pipeline, batches, warmup)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        pipeline.progress(batches)
-        times.append(time.perf_counter() - t0)
-    profile_scopes(True)
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                with record_function(STEP):
-                    pipeline.progress(batches)
-    finally:
-        profile_scopes(False)
-    rows, total, n = attribute(prof.events())
-    per = {k: {"ops": v["ops"] / n, "python": v["python"] / n} for k, v in rows.items()}
-    return {"rows": per, "profiled_step_us": total / n, "step_us": 1e6 * statistics.median(times),
-            "check_us": check(rows, total) / n}
+_NULL = contextlib.nullcontext()
 
 
 def run_breakdown(cfg, variants: List[str], steps: int, warmup: int, env) -> Dict:
-    """{variant: profile_variant(...)} on this rank (every rank runs the same steps)."""
+    """{variant: {"rows", "profiled_step_us", "step_us", "check_us"}} on this rank (every rank
+    runs the same steps): `steps` interleaved steps timed, then `steps` more profiled."""
     from trainer.bench import build_variant, pin_cpu, random_batches
     pin_cpu(env)
     fixed = random_batches(cfg, 8, seed=env.rank)
-    out = {}
+    pipelines = {}
     for v in variants:
         pipeline, convert = build_variant(v, cfg, env)
-        if dist.is_initialized():
-            dist.barrier()
-        out[v] = profile_variant(pipeline, map(convert, itertools.cycle(fixed)), steps, warmup)
-        del pipeline
+        pipelines[v] = (pipeline, map(convert, itertools.cycle(fixed)))
+        for _ in range(warmup):
+            pipeline.progress(pipelines[v][1])
+    if dist.is_initialized():
+        dist.barrier()
+    timed = interleaved(pipelines, steps)
+    timers: Dict[str, Dict[str, float]] = {v: defaultdict(float) for v in variants}
+
+    @contextlib.contextmanager
+    def timing(v):  # the balancer's timers of this step, to its variant
+        SCOPE_TIMES.clear()
+        yield
+        for name, (secs, _) in SCOPE_TIMES.items():
+            timers[v][name] += secs
+    try:
+        profile_scopes("timer")
+        with_timers = interleaved(pipelines, steps, timing)
+        profile_scopes("profiler")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            interleaved(pipelines, steps, lambda v: record_function(f"{STEP}:{v}"))
+    finally:
+        profile_scopes(None)
+    events = prof.events()
+    out = {}
+    for v in variants:
+        rows, total, n = attribute(events, f"{STEP}:{v}")
+        out[v] = {"rows": {k: {"ops": x["ops"] / n, "python": x["python"] / n} for k, x in rows.items()},
+                  "profiled_step_us": total / n, "step_us": 1e6 * statistics.median(timed[v]),
+                  "check_us": check(rows, total) / n,
+                  "timers_us": {k: 1e6 * x / steps for k, x in timers[v].items()},
+                  "timed_step_us": 1e6 * statistics.median(with_timers[v])}
     return out
 
 
@@ -133,4 +157,10 @@ def format_breakdown(result: Dict, base: str = "equal") -> str:
     for key, label in (("profiled_step_us", "profiled step (sum of rows)"), ("check_us", "rows - profiled step"),
                        ("step_us", "step without profiler (median)")):
         lines.append(f"{label:<38}" + "".join(f"{result[v][key]:>24.1f}" for v in names))
+    timers = sorted({k for v in names for k in result[v].get("timers_us", {})})
+    if timers:
+        lines += ["", f"{'balancer ranges, timers, no profiler':<38}" + "".join(f"{v:>24}" for v in names),
+                  "(us per step, inclusive: a range contains its inner ones)"]
+        lines += [f"{k:<38}" + "".join(f"{result[v]['timers_us'].get(k, 0.0):>24.1f}" for v in names) for k in timers]
+        lines.append(f"{'step with timers (median)':<38}" + "".join(f"{result[v]['timed_step_us']:>24.1f}" for v in names))
     return "\n".join(lines)

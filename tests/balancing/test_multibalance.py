@@ -399,3 +399,51 @@ def test_grad_cosine_is_the_last_steps_mean_cosine():
     backward_through(mb, torch.tensor(g, dtype=torch.float32))
     c = 2 ** -0.5
     np.testing.assert_allclose(mb.stats()["grad_cosine"].numpy(), [c / 2, 0.0, -c / 2], atol=1e-6)
+
+
+STATE = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced", "gram_tracked")
+
+
+def test_state_buffers_written_through_one_host_array_match_tensor_copies_bitwise():
+    """On a CPU the state buffers are views of one host array that the step writes in one slice
+    assignment; a copy (deepcopy, as a move to another device does) has buffers of its own,
+    which the step detects and fills with tensor copies: both give bitwise the same state, and a
+    loaded state lands in the array (the buffers stay its views)."""
+    import copy
+    cfg = MultiBalanceConfig()  # the default: deferred, capped, tracked Gram
+    staged = MultiBalance(M, cfg)
+    copied = copy.deepcopy(staged)
+    assert staged._staged() and not copied._staged()
+    ptr = staged.weights.data_ptr()
+    rng = np.random.default_rng(3)
+    for t in range(8):
+        g = torch.tensor(random_grads(rng, t, zero_task=1 if t == 5 else None), dtype=torch.float32)
+        assert torch.equal(backward_through(staged, g), backward_through(copied, g)), t
+    for name in STATE:
+        assert torch.equal(getattr(staged, name), getattr(copied, name)), name
+    assert staged.weights.data_ptr() == ptr and staged._staged()  # written in place, never replaced
+    assert max(abs(w - 1 / M) for w in staged.weights.tolist()) > 1e-4  # the state moved
+    fresh = MultiBalance(M, cfg)
+    fresh.load_state_dict(copied.state_dict())
+    assert fresh._staged() and all(torch.equal(getattr(fresh, n), getattr(copied, n)) for n in STATE)
+    g = torch.tensor(random_grads(rng, 9), dtype=torch.float32)
+    assert torch.equal(backward_through(fresh, g), backward_through(copied, g))
+
+
+def test_balancer_scopes_time_only_when_asked():
+    from balancing import base
+    base.SCOPE_TIMES.clear()
+    mb = MultiBalance(M, paper_form(deferred=False))
+    g = torch.tensor(random_grads(np.random.default_rng(0), 0), dtype=torch.float32)
+    backward_through(mb, g)
+    assert base.SCOPE_TIMES == {}  # off by default: no timer, no profiler range
+    base.profile_scopes("timer")
+    try:
+        backward_through(mb, g)
+    finally:
+        base.profile_scopes(None)
+    times = base.SCOPE_TIMES
+    assert {"fan_out", "fan_out_backward", "local_gram", "host_step", "combine"} <= set(times)
+    assert times["fan_out_backward"][0] >= times["host_step"][0] > 0 and times["host_step"][1] == 1
+    with pytest.raises(ValueError, match="scope mode"):
+        base.profile_scopes("on")

@@ -8,30 +8,74 @@ from tests.dist_utils import run_ranks
 
 
 def _bench(raw):
+    import torch
+
     from trainer.bench import BenchConfig, format_table, run_bench
+    from trainer.breakdown import format_breakdown, run_breakdown
     from trainer.build import init_distributed
     env = init_distributed()
-    variants = ["equal", "multibalance_exact", "multibalance_deferred", "param_mgda", "dlrm_dcn"]
+    variants = ["equal", "multibalance_exact", "multibalance_deferred", "multibalance_paper", "param_mgda", "dlrm_dcn"]
     result = run_bench(from_dict(RunConfig, raw), BenchConfig(variants, rounds=2, steps=3, warmup_steps=2), env)
     parquet = run_bench(from_dict(RunConfig, raw), BenchConfig(variants=["equal"], rounds=1, steps=30,
                                                                  warmup_steps=2, parquet=True), env)
-    return result, format_table(result), parquet
+    breakdown = run_breakdown(from_dict(RunConfig, raw), ["equal", "multibalance"], steps=3, warmup=2, env=env)
+    return result, format_table(result), parquet, breakdown, format_breakdown(breakdown), torch.get_num_threads()
 
 
 def test_bench_all_variants_two_ranks(tiny_config):
     raw = apply_overrides(copy.deepcopy(tiny_config), ["model.dense_arch=[16, 8]", "model.embedding_dim=8"])
-    (result, table, parquet), _ = run_ranks(_bench, (raw,))
-    assert set(result["variants"]) == {"equal", "multibalance_exact", "multibalance_deferred", "param_mgda",
-                                       "dlrm_dcn"}
+    r0, r1 = run_ranks(_bench, (raw,))
+    result, table, parquet, breakdown, breakdown_table, threads = r0
+    assert set(result["variants"]) == {"equal", "multibalance_exact", "multibalance_deferred", "multibalance_paper",
+                                       "param_mgda", "dlrm_dcn"}
     for v, r in result["variants"].items():
         assert len(r["rounds"]) == 2 and r["best"] >= r["median"] > 0, v
+        assert set(r["measures"]) == {"wall", "step", "cpu"}, v
     assert result["variants"]["equal"]["ratio_best"] == result["variants"]["equal"]["ratio_paired"] == 1.0
     r = result["variants"]["multibalance_deferred"]
     (v0, v1), (b0, b1) = r["rounds"], result["variants"]["equal"]["rounds"]
     assert r["ratio_paired"] == pytest.approx((v0 / b0 + v1 / b1) / 2)  # the median of two same-round ratios
     assert "dlrm_dcn" in table and result["world_size"] == 2
+    # each rank pinned to a core of its own (2 ranks, this machine's cores shared out), one thread each
+    assert r0[0]["pinned_cores"] != r1[0]["pinned_cores"] or not r0[0]["pinned_cores"]
+    assert threads == max(len(r0[0]["pinned_cores"]), 1) or not r0[0]["pinned_cores"]
     # Parquet input: more steps than one epoch has (12000 rows / 2 ranks / 256 = 24): it wraps
     assert parquet["input"] == "parquet" and parquet["variants"]["equal"]["best"] > 0
+    # the breakdown: rows add up to the profiled step; the balancer's ranges only where it runs
+    for v, b in breakdown.items():
+        assert abs(b["check_us"]) < 1e-6 * b["profiled_step_us"] + 1e-3, v
+        assert b["rows"]["pipeline backward"]["ops"] > 0 and b["step_us"] > 0, v
+    mb, eq = breakdown["multibalance"], breakdown["equal"]
+    assert {"balancer host_step", "balancer local_gram", "balancer combine"} <= set(mb["rows"])
+    assert not any(k.startswith("balancer") for k in eq["rows"]) and not eq["timers_us"]
+    assert mb["timers_us"]["fan_out_backward"] >= mb["timers_us"]["host_step"] > 0  # inclusive
+    assert "balancer ranges, timers" in breakdown_table
+
+
+def test_paired_ratio_and_the_rounds_an_interval_needs():
+    import math
+
+    from trainer.bench import paired_ratio
+    base = [100.0] * 9
+    x = paired_ratio([99.0, 98.0, 100.0, 97.0, 99.0, 101.0, 99.0, 96.0, 102.0], base)
+    assert x["ratio"] == 0.99 and x["ci95"] == [0.96, 1.02]  # n = 9: k = 1, the extremes
+    logs = sorted(math.log(v / 100) for v in [99.0, 98.0, 100.0, 97.0, 99.0, 101.0, 99.0, 96.0, 102.0])
+    mad = sorted(abs(v - logs[4]) for v in logs)[4]
+    assert x["rounds_for_1pct"] == math.ceil((1.96 * 1.2533 * 1.4826 * mad / 0.01) ** 2)
+    assert paired_ratio([5.0] * 9, [5.0] * 9)["rounds_for_1pct"] == 8  # no spread: the fewest with an interval
+
+
+def test_no_pinning_with_more_ranks_than_cores():
+    import os
+
+    import torch
+
+    from trainer.bench import pin_cpu
+    from trainer.build import DistEnv
+    before = os.sched_getaffinity(0)
+    crowded = DistEnv(rank=0, world_size=64, local_rank=0, local_world_size=len(before) + 1, device=torch.device("cpu"))
+    assert pin_cpu(crowded) == [] and os.sched_getaffinity(0) == before
+    assert pin_cpu(DistEnv(0, 1, 0, 1, torch.device("meta"))) == []  # not a CPU: nothing pinned
 
 
 def test_median_ci95_uses_the_binomial_order_statistics():

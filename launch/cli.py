@@ -231,10 +231,16 @@ def _bench_args(args) -> List[str]:
     return out + [flag for flag, on in flags if on]
 
 
+def set_tokens(overrides: List[str]) -> List[str]:
+    """Overrides for a worker's command line as one `--set=...` token each: torchx refuses an
+    option repeated in a component's arguments (`--set a --set b`), not distinct tokens."""
+    return [f"--set={o}" for o in dict.fromkeys(overrides)]
+
+
 def cmd_bench(args) -> int:
     """Launches `bench-worker` on -j NxP ranks through torchx; the table is printed by rank 0."""
     rc = launch(args.config, args.set, args.scheduler, args.j, component_fn="bench",
-                extra=["--gpu", str(args.gpu), "--"] + _bench_args(args) + [a for o in args.set for a in ("--set", o)],
+                extra=["--gpu", str(args.gpu), "--"] + _bench_args(args) + set_tokens(args.set),
                 pass_overrides=False)
     if rc == 0 and Path(args.out).is_file():
         from trainer.bench import format_table

@@ -52,3 +52,16 @@ def test_component_passes_max_restarts_to_torchrun():
     bare = specs.AppDef("x", roles=[specs.Role("r", image="i", entrypoint="python", args=["-m", "x"])])
     with pytest.raises(ValueError, match="--max_restarts"):
         with_restarts(bare, 1)
+
+
+def test_bench_overrides_reach_the_worker_as_tokens_torchx_accepts():
+    """torchx refuses an option repeated among a component's arguments (`--set a --set b`): the
+    bench passes each override as one `--set=...` token, which the worker parses back."""
+    from collections import Counter
+
+    from launch.cli import build_parser, set_tokens
+    sets = ["model.dense_arch=[128,16]", "model.head_arch=[64]", "model.head_arch=[64]"]
+    tokens = set_tokens(sets)
+    assert max(Counter(tokens).values()) == 1
+    args = build_parser().parse_args(["bench-worker", "launch/configs/demo.toml", *tokens])
+    assert args.set == ["model.dense_arch=[128,16]", "model.head_arch=[64]"]

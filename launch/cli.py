@@ -271,7 +271,7 @@ def cmd_bench_worker(args) -> int:
 def _breakdown_worker(cfg, bench, env, out: str) -> int:
     from trainer.bench import write_result
     from trainer.breakdown import format_breakdown, run_breakdown
-    rows = run_breakdown(cfg, bench.variants, bench.steps, bench.warmup_steps, env)
+    rows = run_breakdown(cfg, bench.variants, bench.steps or 300, bench.warmup_steps, env)
     if env.is_main:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_result({"kind": "breakdown", "rank": env.rank, "world_size": env.world_size,
@@ -416,10 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in (("bench", cmd_bench), ("bench-worker", cmd_bench_worker)):
         sp = add(name, fn)
         sp.add_argument("--variants", default="equal,multibalance,param_mgda,dlrm_dcn")
-        sp.add_argument("--rounds", type=int, default=200, help="rounds (>= 8 for an interval; the table says "
-                        "how many an interval of +-1 %% needs)")
-        sp.add_argument("--steps", type=int, default=2, help="timed steps per variant per round (short rounds pair "
-                        "the variants closely in time)")
+        sp.add_argument("--rounds", type=int, default=0, help="rounds (>= 8 for an interval; the table says how "
+                        "many an interval of +-1 %% needs); default 200, or 5 with one variant built at a time")
+        sp.add_argument("--steps", type=int, default=0, help="timed steps per variant per round; default 2 (short "
+                        "rounds pair the variants closely in time), or 50 with one variant built at a time")
         sp.add_argument("--warmup", type=int, default=10, help="steps before a variant's first round")
         sp.add_argument("--no-pin", dest="pin", action="store_false",
                         help="CPU: leave the ranks' threads where the OS puts them")

@@ -96,3 +96,12 @@ def test_variants_stay_resident_only_when_they_fit():
     assert fits_resident(30 * gib, 75 * gib, 2)  # two h100.toml-sized variants on an 80 GB GPU
     assert not fits_resident(30 * gib, 75 * gib, 4)  # four do not: built one at a time
     assert fits_resident(10**9, 0, 1)  # a single variant never needs room for others
+
+
+def test_rounds_and_steps_follow_the_mode_unless_given():
+    from trainer.bench import BenchConfig, resolve_counts
+    resident, rebuilt, given = BenchConfig(), BenchConfig(one_at_a_time=True), BenchConfig(rounds=7, steps=3)
+    for b in (resident, rebuilt, given):
+        resolve_counts(b)
+    assert (resident.rounds, resident.steps) == (200, 2) and (rebuilt.rounds, rebuilt.steps) == (5, 50)
+    assert (given.rounds, given.steps) == (7, 3)

@@ -349,7 +349,9 @@ class MultiBalance(GradientBalancer):
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
         scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
         if self.deferred is not None:
-            previous = self.deferred.exchange(local_gram(grads))  # (sum over ranks, 1 / W^2) of step t-1
+            local = local_gram(grads)
+            with scope("exchange"):
+                previous = self.deferred.exchange(local)  # (sum over ranks, 1 / W^2) of step t-1
             if previous is None:  # the first step: nothing global yet; the current weights, raw gradients
                 return combine(self.weights * scale, grads)
             gram, factor = previous

@@ -417,9 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = add(name, fn)
         sp.add_argument("--variants", default="equal,multibalance,param_mgda,dlrm_dcn")
         sp.add_argument("--rounds", type=int, default=0, help="rounds (>= 8 for an interval; the table says how "
-                        "many an interval of +-1 %% needs); default 200, or 5 with one variant built at a time")
+                        "many an interval of +-1 %% needs); default 200 on a CPU, 30 on a GPU, 5 with one variant built at a time")
         sp.add_argument("--steps", type=int, default=0, help="timed steps per variant per round; default 2 (short "
-                        "rounds pair the variants closely in time), or 50 with one variant built at a time")
+                        "rounds pair the variants closely in time) on a CPU, 20 on a GPU, 50 with one variant built at a time")
         sp.add_argument("--warmup", type=int, default=10, help="steps before a variant's first round")
         sp.add_argument("--no-pin", dest="pin", action="store_false",
                         help="CPU: leave the ranks' threads where the OS puts them")

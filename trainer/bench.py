@@ -52,9 +52,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class BenchConfig:
     variants: List[str] = field(default_factory=lambda: ["equal", "multibalance", "param_mgda", "dlrm_dcn"])
-    # 0: by the mode. Variants kept built: 200 rounds of 2 steps (short rounds pair the variants'
-    # steps closely in time); one built per round (GPU memory): 5 of 50, as each round rebuilds
-    rounds: int = 0
+    rounds: int = 0  # 0 (and steps 0): by the device and the mode, see `resolve_counts`
     warmup_steps: int = 10  # before a variant's first round (each round, for one built per round)
     steps: int = 0
     parquet: bool = False  # read the config's train files instead of in-memory batches
@@ -186,7 +184,7 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
         source = lambda: itertools.cycle(fixed)  # noqa: E731
     pinned = pin_cpu(env) if bench.pin else []
     built = _build_resident(cfg, bench, env)
-    resolve_counts(bench)  # after the choice of one at a time, which a GPU may make here
+    resolve_counts(bench, env.device.type)  # after the choice of one at a time, which a GPU may make here
     qps: Dict[str, Dict[str, List[float]]] = {v: {m: [] for m in MEASURES} for v in bench.variants}
     samples = cfg.data.batch_size * env.world_size  # per step
     streams: Dict[str, Iterator] = {}  # a resident variant's batches, kept between rounds with its pipeline
@@ -217,10 +215,13 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     return result
 
 
-def resolve_counts(bench: BenchConfig) -> None:
-    """Rounds and steps left at 0: 200 x 2 with the variants kept built, 5 x 50 with one built
-    per round (each round then rebuilds every variant)."""
-    rounds, steps = (5, 50) if bench.one_at_a_time else (200, 2)
+def resolve_counts(bench: BenchConfig, device_type: str = "cpu") -> None:
+    """Rounds and steps left at 0: on a CPU 200 x 2 with the variants kept built (rounds of
+    2 steps pair the variants closely in time); on an accelerator 30 x 20 (a round ends in a
+    device sync, which drains the queue that overlaps the host's work with the device's: short
+    rounds would hide what the host costs); 5 x 50 with one variant built per round (each round
+    then rebuilds every variant)."""
+    rounds, steps = (5, 50) if bench.one_at_a_time else (200, 2) if device_type == "cpu" else (30, 20)
     bench.rounds, bench.steps = bench.rounds or rounds, bench.steps or steps
 
 

@@ -100,8 +100,10 @@ def test_variants_stay_resident_only_when_they_fit():
 
 def test_rounds_and_steps_follow_the_mode_unless_given():
     from trainer.bench import BenchConfig, resolve_counts
-    resident, rebuilt, given = BenchConfig(), BenchConfig(one_at_a_time=True), BenchConfig(rounds=7, steps=3)
+    resident, rebuilt, given, gpu = BenchConfig(), BenchConfig(one_at_a_time=True), BenchConfig(rounds=7, steps=3), \
+        BenchConfig()
     for b in (resident, rebuilt, given):
         resolve_counts(b)
+    resolve_counts(gpu, "cuda")
     assert (resident.rounds, resident.steps) == (200, 2) and (rebuilt.rounds, rebuilt.steps) == (5, 50)
-    assert (given.rounds, given.steps) == (7, 3)
+    assert (given.rounds, given.steps) == (7, 3) and (gpu.rounds, gpu.steps) == (30, 20)

@@ -11,7 +11,8 @@ range's row. A row's "Python" is the self time of the named range itself: interp
 between the torch ops it calls. The rows therefore add up to the profiled step time exactly;
 `check` says so, and the table prints the same step timed without the profiler beside it (the
 profiler adds about a microsecond per op, so profiled times rank and difference the parts,
-while the unprofiled step time is the one that counts).
+while the unprofiled step time is the one that counts). On an accelerator both see the host
+only: CPU activities, and timers around work the device runs later.
 """
 from __future__ import annotations
 

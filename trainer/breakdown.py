@@ -79,6 +79,9 @@ def check(rows: Dict[str, Dict[str, float]], total: float) -> float:
     return sum(r["ops"] + r["python"] for r in rows.values()) - total
 
 
+_NULL = contextlib.nullcontext()
+
+
 def interleaved(pipelines: Dict[str, Tuple], steps: int, wrap=None) -> Dict[str, List[float]]:
     """One step of each variant in turn, `steps` times (the order reversed every other time):
     the variants see the same moments of a noisy machine, as the bench's rounds do. `wrap(v)`:
@@ -95,12 +98,10 @@ def interleaved(pipelines: Dict[str, Tuple], steps: int, wrap=None) -> Dict[str,
     return times
 
 
-_NULL = contextlib.nullcontext()
-
-
 def run_breakdown(cfg, variants: List[str], steps: int, warmup: int, env) -> Dict:
-    """{variant: {"rows", "profiled_step_us", "step_us", "check_us"}} on this rank (every rank
-    runs the same steps): `steps` interleaved steps timed, then `steps` more profiled."""
+    """{variant: {"rows", "profiled_step_us", "step_us", "check_us", "timers_us", "timed_step_us"}}
+    on this rank (every rank runs the same steps): `steps` interleaved steps timed plain, `steps`
+    with the balancer's timers, then `steps` profiled."""
     from trainer.bench import build_variant, pin_cpu, random_batches
     pin_cpu(env)
     fixed = random_batches(cfg, 8, seed=env.rank)

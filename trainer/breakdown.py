@@ -21,9 +21,8 @@ import itertools
 import statistics
 import time
 from collections import defaultdict
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
-import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.dist_utils import run_ranks

@@ -196,7 +196,7 @@ def optimizable(named_params):
 class _InFlight:
     """DeferredGram's per-step state: a plain object, as nn.Module attribute access is slow
     and this is touched in every backward."""
-    __slots__ = ("outgoing", "pending", "work", "ready", "restored", "host", "copied", "world")
+    __slots__ = ("outgoing", "pending", "work", "ready", "restored", "host", "copied", "world", "m")
 
     def __init__(self):
         self.outgoing: Optional[torch.Tensor] = None  # [M^2] this step's local Gram, for the carrier
@@ -207,6 +207,7 @@ class _InFlight:
         self.host: Optional[torch.Tensor] = None  # carrier.grad being copied to pinned host memory
         self.copied = None  # the event that copy completes
         self.world = 0  # W, read at the first exchange (0: not yet)
+        self.m = 0  # M, the Gram's side
 
 
 class DeferredGram(nn.Module):
@@ -233,6 +234,7 @@ class DeferredGram(nn.Module):
         self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's Gram
         self.carried = False  # set by the trainer when DDP reduces `carrier`
         self.flight = _InFlight()
+        self.flight.m = num_tasks
 
     def exchange(self, local: torch.Tensor) -> Optional[Tuple[torch.Tensor, float]]:
         """Posts this step's local Gram [M, M]; returns the previous step's reduced Gram [M, M]
@@ -241,7 +243,8 @@ class DeferredGram(nn.Module):
         f = self.flight
         previous = self._settle(f, consume=True)
         if self.carried:
-            f.outgoing = local.reshape(-1).to(self.carrier.dtype)
+            carrier = self._parameters["carrier"]  # (the dict: `self.carrier` goes through nn.Module.__getattr__)
+            f.outgoing = local.reshape(-1) if local.dtype == carrier.dtype else local.reshape(-1).to(carrier.dtype)
         elif f.world > 1:
             f.pending, f.work = local, dist.all_reduce(local, async_op=True)
         else:
@@ -277,13 +280,14 @@ class DeferredGram(nn.Module):
                 f.restored, self.carrier.grad = None, None
             return previous
         if self.carried:
-            mean = self.carrier.grad  # DDP's mean over ranks, written back after last step's backward
+            carrier = self._parameters["carrier"]
+            mean = carrier.grad  # DDP's mean over ranks, written back after last step's backward
             if f.host is not None:  # prefetched in the forward
                 f.copied.synchronize()
                 mean = f.host
             if consume:  # this step's gradient then replaces it instead of adding to it
-                self.carrier.grad, f.host, f.copied = None, None, None
-            return None if mean is None else (mean.view(self.summed.shape), 1.0 / f.world)
+                carrier.grad, f.host, f.copied = None, None, None
+            return None if mean is None else (mean.view(f.m, f.m), 1.0 / f.world)
         if f.work is not None:
             f.work.wait()
             f.work, f.ready, f.pending = None, f.pending, None
@@ -315,7 +319,8 @@ def combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """sum_m coef_m grads_m: coef [M], grads [M, ...] -> [...], as one matrix-vector product."""
     with scope("combine"):
         coef = coef if coef.dtype == grads.dtype else coef.to(grads.dtype)
-        return (coef @ grads.reshape(grads.shape[0], -1)).view(grads.shape[1:])
+        m, *rest = grads.shape  # ints: a view to a torch.Size parses slower (~6 us a call)
+        return (coef @ grads.reshape(m, -1)).view(*rest)
 
 
 GRAM_CHUNKS = 256  # at most; on accelerators (see local_gram)
@@ -329,7 +334,7 @@ def local_gram(grads: torch.Tensor) -> torch.Tensor:
         flat = grads.reshape(grads.shape[0], -1)  # [M, B * n']
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # under autocast: the M x M statistics in fp32
-        return chunked_gram(flat, 1 if flat.device.type == "cpu" else math.gcd(flat.shape[1], GRAM_CHUNKS))
+        return chunked_gram(flat, 1 if flat.is_cpu else math.gcd(flat.shape[1], GRAM_CHUNKS))
 
 
 def chunked_gram(flat: torch.Tensor, chunks: int) -> torch.Tensor:

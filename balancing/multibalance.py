@@ -51,6 +51,8 @@ import logging
 import math
 from array import array
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import mul, not_
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -162,8 +164,8 @@ def multibalance_update_host(gram: Sequence[Sequence[float]], lam: Sequence[floa
     src, f, vn = (gram, factor, n) if tracked is None else (tracked, 1.0, [math.sqrt(max(tracked[i][i], 0.0))
                                                                          for i in range(m)])
     gram_v = [[x * f * si * sj for x, sj in zip(row, s)] for row, si in zip(src, s)]  # Gram(V) = S G S
-    direction = [sum([x * dj for x, dj in zip(row, d)]) for row in gram_v]  # <v_i, V d>
-    norm_a = math.sqrt(max(sum(di * xi for di, xi in zip(d, direction)), 0.0))  # ||V d||
+    direction = [sum(map(mul, row, d)) for row in gram_v]  # <v_i, V d> (a left-to-right sum, as in the formula)
+    norm_a = math.sqrt(max(sum(map(mul, d, direction)), 0.0))  # ||V d||
     if cfg.cosine:
         direction = [x / max(s[i] * vn[i] * norm_a, EPS) for i, x in enumerate(direction)]
     beta = cfg.beta
@@ -213,9 +215,9 @@ def multibalance_update(gram: torch.Tensor, lam: torch.Tensor, u: torch.Tensor, 
 def project_simplex_host(y: Sequence[float], active: Sequence[bool], fallback: Sequence[float]) -> List[float]:
     """`balancing.simplex.project_simplex` in Python floats: the active entries onto the simplex
     of the mass the inactive ones (kept at `fallback`) leave (Duchi et al. 2008, Fig. 1)."""
-    mass = 1.0 - sum(f for f, a in zip(fallback, active) if not a)
+    mass = 1.0 - sum(compress(fallback, map(not_, active)))
     theta, css = 0.0, 0.0
-    for k, yk in enumerate(sorted((v for v, a in zip(y, active) if a), reverse=True), start=1):
+    for k, yk in enumerate(sorted(compress(y, active), reverse=True), start=1):
         css += yk
         if k == 1 or yk * k > css - mass:  # a prefix of k; at least the largest entry
             theta = (css - mass) / k
@@ -254,7 +256,7 @@ def combination_tensor(lam: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cfg:
 class _HostState:
     """The host step's state between two steps. A plain object: an nn.Module attribute write
     costs microseconds (its __setattr__ checks), and these are written every step."""
-    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs")
+    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs", "mailbox")
 
     def __init__(self):
         self.lam: Optional[List[float]] = None  # lambda [M] as the buffer holds it; None: read the buffer
@@ -268,6 +270,7 @@ class _HostState:
         self.stage: Optional[array] = None
         self.coef: Optional[torch.Tensor] = None  # [M], the view of the coefficients in `stage`
         self.ptrs: Tuple[int, ...] = ()  # the buffers' data pointers while they are the views
+        self.mailbox: Optional[DeferredGram] = None  # the `deferred` submodule (an nn.Module attribute read costs)
 
 
 STAGED = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced")  # the [M] buffers in `stage`, in order
@@ -313,6 +316,7 @@ class MultiBalance(GradientBalancer):
         if cfg.gram_ema > 0:  # G~ [M, M], checkpointed (only then: other runs' checkpoints keep their keys)
             self.register_buffer("gram_tracked", torch.zeros(num_tasks, num_tasks))
         self._hs = _HostState()
+        self._hs.mailbox = self.deferred
         self._share_buffers()
 
     def _share_buffers(self) -> None:
@@ -344,14 +348,15 @@ class MultiBalance(GradientBalancer):
         return self._hs.ptrs == self._buffer_ptrs()
 
     def deferred_gram(self) -> Optional[DeferredGram]:
-        return self.deferred
+        return self._hs.mailbox
 
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
         scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
-        if self.deferred is not None:
+        mailbox = self._hs.mailbox
+        if mailbox is not None:
             local = local_gram(grads)
             with scope("exchange"):
-                previous = self.deferred.exchange(local)  # (sum over ranks, 1 / W^2) of step t-1
+                previous = mailbox.exchange(local)  # (sum over ranks, 1 / W^2) of step t-1
             if previous is None:  # the first step: nothing global yet; the current weights, raw gradients
                 return combine(self.weights * scale, grads)
             gram, factor = previous
@@ -362,7 +367,7 @@ class MultiBalance(GradientBalancer):
     def _step(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
         """Updates the state from the global Gram factor * gram [M, M]; -> the coefficients
         scale c_m [M] of the gradients passed on (`combination`), on the buffers' device."""
-        if gram.device.type == "cpu":  # CPU training, or the deferred Gram prefetched to the host
+        if gram.is_cpu:  # CPU training, or the deferred Gram prefetched to the host
             return self._step_host(gram, factor, scale)
         return self._step_tensor(gram, factor, scale)
 
@@ -381,9 +386,12 @@ class MultiBalance(GradientBalancer):
             lam, u, s, n = multibalance_update_host(g, lam0, u0, self._prior, self.cfg, factor, tracked)
             self._count_reversals(lam0, lam)
             coef = combination(lam, u, s, self.cfg)
-            # [lam | u | n | balanced | coef], rounded to float32 as the buffers hold it
-            row = _rounded(lam + u + n + [c * x for c, x in zip(coef, n)] + [c * scale for c in coef],
-                           self.weights.dtype)
+            # [lam | u | n | balanced | coef], rounded to float32 as the buffers hold it (the staged
+            # buffers are float32 views: their dtype is not read, an nn.Module attribute costs)
+            row = lam + u + n
+            row += map(mul, coef, n)
+            row += map(mul, coef, repeat(scale))
+            row = _rounded(row, torch.float32 if staged else self.weights.dtype)
             hs.lam, hs.u = row[:m].tolist(), row[m:2 * m].tolist()
         with scope("state_tensors"):
             if staged:  # the buffers are views of the stage: written in one slice
@@ -433,7 +441,7 @@ class MultiBalance(GradientBalancer):
                 continue
             values += [(o + eta * (x * factor - o) if seen_i and seen_j else x * factor) if now_j else o
                        for o, x, now_j, seen_j in zip(o_row, g_row, now, seen)]
-        kept = _rounded(values, self.gram_tracked.dtype)  # [M * M]
+        kept = _rounded(values, torch.float32 if staged else self.gram_tracked.dtype)  # [M * M]
         flat = kept.tolist()
         hs.tracked = [flat[i * m:(i + 1) * m] for i in range(m)]
         with scope("state_tensors"):

@@ -198,7 +198,7 @@ class _InFlight:
     and this is touched in every backward."""
     __slots__ = ("outgoing", "pending", "work", "ready", "restored", "host", "copied", "world", "m")
 
-    def __init__(self):
+    def __init__(self, m: int):
         self.outgoing: Optional[torch.Tensor] = None  # [M^2] this step's local Gram, for the carrier
         self.pending: Optional[torch.Tensor] = None  # without a carrier: the local Gram being reduced
         self.work = None  # its async all-reduce
@@ -207,7 +207,7 @@ class _InFlight:
         self.host: Optional[torch.Tensor] = None  # carrier.grad being copied to pinned host memory
         self.copied = None  # the event that copy completes
         self.world = 0  # W, read at the first exchange (0: not yet)
-        self.m = 0  # M, the Gram's side
+        self.m = m  # M, the Gram's side
 
 
 class DeferredGram(nn.Module):
@@ -233,8 +233,7 @@ class DeferredGram(nn.Module):
         self.register_buffer("factor", torch.zeros((), dtype=torch.float64))
         self.register_buffer("valid", torch.zeros(()))  # 1: `summed` holds a step's Gram
         self.carried = False  # set by the trainer when DDP reduces `carrier`
-        self.flight = _InFlight()
-        self.flight.m = num_tasks
+        self.flight = _InFlight(num_tasks)
 
     def param(self) -> nn.Parameter:
         """`carrier`, read from the parameter dict: `self.carrier` goes through nn.Module.__getattr__
@@ -315,7 +314,7 @@ class DeferredGram(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.flight = _InFlight()
+        self.flight = _InFlight(self.summed.shape[0])
         self.flight.restored = (self.summed.clone(), float(self.factor)) if bool(self.valid) else None
         self.carrier.grad = None
 

@@ -103,3 +103,8 @@ def test_the_gram_in_flight_survives_a_state_dict_round_trip():
     gram, factor = mailbox.exchange(torch.zeros(M, M))  # the saved one continues unchanged
     np.testing.assert_array_equal((gram * factor).numpy(), np.arange(M * M).reshape(M, M))
     assert mailbox.carrier.grad is None and mailbox.take() is not None
+    # the loaded mailbox goes on to the next step as a fresh one does: DDP's mean read back [M, M]
+    fresh.carrier.grad = fresh.take() + 1
+    gram, factor = fresh.exchange(torch.zeros(M, M))
+    assert gram.shape == (M, M) and factor == 1.0
+    np.testing.assert_array_equal(gram.numpy(), np.ones((M, M)))

@@ -261,7 +261,7 @@ class DeferredGram(nn.Module):
         after the copy ran, without stalling the device queue, and the balancer's M-sized step
         runs there in Python floats instead of as ~40 tiny kernels."""
         f = self.flight
-        mean = self.carrier.grad if self.carried and f.restored is None else None
+        mean = self.param().grad if self.carried and f.restored is None else None
         if mean is None or not mean.is_cuda:
             return
         f.host = torch.empty(mean.shape, dtype=mean.dtype, pin_memory=True)

@@ -256,7 +256,7 @@ def combination_tensor(lam: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cfg:
 class _HostState:
     """The host step's state between two steps. A plain object: an nn.Module attribute write
     costs microseconds (its __setattr__ checks), and these are written every step."""
-    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs", "mailbox")
+    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs")
 
     def __init__(self):
         self.lam: Optional[List[float]] = None  # lambda [M] as the buffer holds it; None: read the buffer
@@ -270,7 +270,6 @@ class _HostState:
         self.stage: Optional[array] = None
         self.coef: Optional[torch.Tensor] = None  # [M], the view of the coefficients in `stage`
         self.ptrs: Tuple[int, ...] = ()  # the buffers' data pointers while they are the views
-        self.mailbox: Optional[DeferredGram] = None  # the `deferred` submodule (an nn.Module attribute read costs)
 
 
 STAGED = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced")  # the [M] buffers in `stage`, in order
@@ -316,7 +315,6 @@ class MultiBalance(GradientBalancer):
         if cfg.gram_ema > 0:  # G~ [M, M], checkpointed (only then: other runs' checkpoints keep their keys)
             self.register_buffer("gram_tracked", torch.zeros(num_tasks, num_tasks))
         self._hs = _HostState()
-        self._hs.mailbox = self.deferred
         self._share_buffers()
 
     def _share_buffers(self) -> None:
@@ -348,11 +346,13 @@ class MultiBalance(GradientBalancer):
         return self._hs.ptrs == self._buffer_ptrs()
 
     def deferred_gram(self) -> Optional[DeferredGram]:
-        return self._hs.mailbox
+        # from the submodule dict: `self.deferred` goes through nn.Module.__getattr__ (microseconds,
+        # twice a step); None when deferred is off (then a plain attribute, not a submodule)
+        return self._modules.get("deferred")
 
     def combine_grads(self, grads: torch.Tensor) -> torch.Tensor:
         scale = self.num_tasks if self.cfg.scale_by_tasks else 1.0
-        mailbox = self._hs.mailbox
+        mailbox = self.deferred_gram()
         if mailbox is not None:
             local = local_gram(grads)
             with scope("exchange"):

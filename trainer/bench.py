@@ -65,6 +65,8 @@ class BenchConfig:
 MULTI_TASK = {"equal": ("equal", {}), "multibalance": ("multibalance", {}),
               "multibalance_exact": ("multibalance", {"deferred": False}),
               "multibalance_deferred": ("multibalance", {"deferred": True}),
+              # the default with its M-sized step in Python instead of compiled C (same results)
+              "multibalance_python": ("multibalance", {"compiled_step": False}),
               # the paper's form: its step on this step's Gram (the default tracks the Gram, capped step)
               "multibalance_paper": ("multibalance", {"step": "paper", "gram_ema": 0.0}),
               "param_mgda": ("param_mgda", {}), "mgda": ("mgda", {})}

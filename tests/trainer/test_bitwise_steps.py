@@ -66,7 +66,9 @@ def _train(raws: dict, steps: int) -> dict:
             pipeline.progress(batches)
             weights.append(module.balancer.weights.tolist())
         state = {k: [_digest(t) for t in _local(v)] for k, v in dmp.state_dict().items()}
-        out[name] = {"weights": weights, "state": state}
+        hs = getattr(module.balancer, "_hs", None)  # MultiBalance's host state: did the compiled step run?
+        out[name] = {"weights": weights, "state": state,
+                     "compiled": hs is not None and hs.native is not None and hs.lam is None}
     return out
 
 
@@ -95,6 +97,10 @@ def test_training_steps_are_bitwise_what_they_were(tiny_config):
                 assert torch.allclose(torch.tensor(got[name]["weights"]), torch.tensor(want[name]["weights"]),
                                       rtol=1e-4, atol=1e-6), (rank, name)
     assert ranks[0]["multibalance"]["weights"] == ranks[1]["multibalance"]["weights"]
+    from balancing import native
+    if native.compiler():  # the host step these steps took was the compiled one (balancing/native.py)
+        assert all(r[n]["compiled"] for r in ranks for n in VARIANTS if n != "equal"), \
+            [{n: r[n]["compiled"] for n in VARIANTS} for r in ranks]
     # the golden is not trivial: MultiBalance's weights moved; the paper's form differs from the default
     w = golden["ranks"][0]
     assert max(abs(x - 1 / 3) for x in w["multibalance"]["weights"][-1]) > 1e-4

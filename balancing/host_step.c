@@ -1,0 +1,169 @@
+/* MultiBalance's M-sized host step in C: `_track_host`, `multibalance_update_host`,
+ * `stability_cap`, `project_simplex_host`, `_count_reversals` and `combination` of
+ * balancing/multibalance.py, one call instead of ~100 Python-level operations.
+ *
+ * It performs the same IEEE double operations as those Python functions, in the same order
+ * (Python's sum() is ((0.0 + x0) + x1) + ...; max(a, b) keeps a unless b > a; min(a, b) keeps a
+ * unless b < a), and rounds to float32 with the same C cast as array('f'), so it gives the same
+ * bits: tests/balancing/test_native_step.py compares the two on random steps. Built with
+ * -ffp-contract=off (no fused multiply-add) and without -ffast-math, which would reorder sums.
+ *
+ * Where the Python code would raise (a division by zero) or sort NaN (whose order depends on
+ * the sort), it returns 1 and writes nothing: the caller then runs the Python step on the same
+ * state. The state it reads and writes is the float32 stage of `MultiBalance._share_buffers`
+ * ([lam | u | n | balanced | coef | G~], the state buffers' own memory), plus the reversal
+ * counters (float64). */
+#include <math.h>
+
+enum { EMA = 1, COSINE = 2, PAPER_RESCALE = 4, CAPPED = 8, TRACKED = 16 };
+
+typedef struct {
+    long long m, flags;
+    double beta, rho, gamma, eta, scale;
+    const double *prior;                    /* [m] lambda0 */
+    double *last_delta, *moved, *reversals; /* [m] each: `_count_reversals`' counters */
+    float *stage;                           /* [5m + m^2] (m^2 with TRACKED) */
+    double *scratch;                        /* [10m + 2m^2] */
+} mb_ctx;
+
+static const double EPS = 1e-12;
+
+static double py_max(double a, double b) { return b > a ? b : a; }
+static double py_min(double a, double b) { return b < a ? b : a; }
+
+/* `stability_cap`: 1 / min(trace, max row sum) of Gram(V) (cosine: of its scaled form) over the
+ * active tasks. vn: [m] scratch. */
+static double stability_cap(long long m, const double *gv, const char *active, int cosine,
+                            double norm_a, double *vn) {
+    int any = 0;
+    for (long long i = 0; i < m; i++) any |= active[i];
+    if (!any) return INFINITY;
+    double denom = py_max(norm_a, EPS), trace = 0.0, rows = 0.0;
+    int first = 1;
+    if (cosine)
+        for (long long i = 0; i < m; i++) vn[i] = sqrt(py_max(gv[i * m + i], 0.0));
+    for (long long i = 0; i < m; i++) {
+        if (!active[i]) continue;
+        double row = 0.0;
+        for (long long j = 0; j < m; j++) {
+            if (!active[j]) continue;
+            double a = gv[i * m + j];
+            if (cosine) {
+                double r = sqrt(vn[i] * vn[j]);
+                a = a / (EPS > r ? EPS : r) / denom;
+            }
+            if (j == i) trace += a;
+            row += fabs(a);
+        }
+        if (first || row > rows) rows = row;
+        first = 0;
+    }
+    double bound = py_min(trace, rows);
+    return bound > 0 ? 1.0 / bound : INFINITY;
+}
+
+/* `project_simplex_host` into out [m]; -> 1 where an active entry is NaN. sorted: [m] scratch. */
+static int project_simplex(long long m, const double *y, const char *active, const double *fallback,
+                           double *sorted, double *out) {
+    double inactive = 0.0;
+    long long k = 0;
+    for (long long i = 0; i < m; i++) {
+        if (!active[i]) { inactive += fallback[i]; continue; }
+        if (isnan(y[i])) return 1;
+        long long j = k++;  /* insertion, descending */
+        while (j > 0 && sorted[j - 1] < y[i]) { sorted[j] = sorted[j - 1]; j--; }
+        sorted[j] = y[i];
+    }
+    double mass = 1.0 - inactive, theta = 0.0, css = 0.0;
+    for (long long r = 1; r <= k; r++) {
+        double yk = sorted[r - 1];
+        css += yk;
+        if (r == 1 || yk * (double)r > css - mass) theta = (css - mass) / (double)r;
+    }
+    for (long long i = 0; i < m; i++) out[i] = active[i] ? py_max(y[i] - theta, 0.0) : fallback[i];
+    return 0;
+}
+
+int mb_host_step(mb_ctx *c, const float *gram, double factor) {
+    const long long m = c->m, fl = c->flags;
+    float *st = c->stage;
+    double *n = c->scratch, *un = n + m, *s = un + m, *d = s + m, *dir = d + m, *vn = dir + m,
+           *y = vn + m, *lam = y + m, *coef = lam + m, *tmp = coef + m, *gv = tmp + m, *nt = gv + m * m;
+    char active[m > 0 ? m : 1];
+    if (fl & TRACKED) {  /* `_track_host`: G~ over the pairs of tasks with a gradient now */
+        for (long long i = 0; i < m; i++) {
+            int now_i = (double)gram[i * m + i] > 0, seen_i = (double)st[5 * m + i * m + i] > 0;
+            for (long long j = 0; j < m; j++) {
+                double o = st[5 * m + i * m + j], x = gram[i * m + j], v = o;
+                int now_j = (double)gram[j * m + j] > 0, seen_j = (double)st[5 * m + j * m + j] > 0;
+                if (now_i && now_j) v = seen_i && seen_j ? o + c->eta * (x * factor - o) : x * factor;
+                nt[i * m + j] = (double)(float)v;  /* as the buffer holds it */
+            }
+        }
+    }
+    /* `multibalance_update_host` */
+    for (long long i = 0; i < m; i++) {
+        double ui = st[m + i];
+        n[i] = sqrt(py_max((double)gram[i * m + i] * factor, 0.0));
+        active[i] = n[i] > 0;
+        if (fl & EMA) un[i] = n[i] > 0 ? (ui > 0 ? ui + c->gamma * (n[i] - ui) : n[i]) : ui;
+        else un[i] = n[i] > 0 ? n[i] : ui;
+        if (!(fl & EMA)) s[i] = n[i] > 0 ? 1.0 : 0.0;
+        else if (fl & PAPER_RESCALE) {
+            if (n[i] > 0 && un[i] == 0) return 1;  /* Python: ZeroDivisionError */
+            s[i] = n[i] > 0 ? 1.0 / un[i] : 0.0;
+        } else s[i] = n[i] > 0 ? un[i] / n[i] : 0.0;
+        d[i] = (double)st[i] + c->rho * c->prior[i];
+    }
+    for (long long i = 0; i < m; i++) {
+        vn[i] = (fl & TRACKED) ? sqrt(py_max(nt[i * m + i], 0.0)) : n[i];
+        for (long long j = 0; j < m; j++) {
+            double x = (fl & TRACKED) ? nt[i * m + j] : (double)gram[i * m + j];
+            double f = (fl & TRACKED) ? 1.0 : factor;
+            gv[i * m + j] = x * f * s[i] * s[j];  /* Gram(V) = S G S */
+        }
+    }
+    double dot = 0.0;
+    for (long long i = 0; i < m; i++) {
+        double acc = 0.0;
+        for (long long j = 0; j < m; j++) acc += gv[i * m + j] * d[j];
+        dir[i] = acc;  /* <v_i, V d> */
+    }
+    for (long long i = 0; i < m; i++) dot += d[i] * dir[i];
+    double norm_a = sqrt(py_max(dot, 0.0)), beta = c->beta;
+    if (fl & COSINE)
+        for (long long i = 0; i < m; i++) dir[i] = dir[i] / py_max(s[i] * vn[i] * norm_a, EPS);
+    if (fl & CAPPED) beta = py_min(beta, stability_cap(m, gv, active, fl & COSINE, norm_a, tmp));
+    for (long long i = 0; i < m; i++) {
+        y[i] = (double)st[i] - beta * dir[i];  /* eq. 12 */
+        coef[i] = st[i];  /* lambda before the step, the projection's fallback */
+    }
+    if (project_simplex(m, y, active, coef, tmp, lam)) return 1;
+    /* `combination` */
+    if ((fl & EMA) && (fl & PAPER_RESCALE)) {
+        double known = 0.0, mean_u = 1.0;
+        long long count = 0;
+        for (long long i = 0; i < m; i++)
+            if (un[i] > 0) { known += un[i]; count++; }
+        if (count) mean_u = known / (double)count;
+        for (long long i = 0; i < m; i++) tmp[i] = un[i] > 0 ? lam[i] * mean_u / un[i] : lam[i];
+    } else
+        for (long long i = 0; i < m; i++) tmp[i] = lam[i] * s[i];
+    /* nothing can fail from here: commit. `_count_reversals` (on the unrounded lambda) */
+    for (long long i = 0; i < m; i++) {
+        double delta = lam[i] - coef[i];
+        if (delta * c->last_delta[i] < 0) c->reversals[i] += 1;
+        c->moved[i] += fabs(delta);
+        if (delta != 0) c->last_delta[i] = delta;
+    }
+    for (long long i = 0; i < m; i++) {
+        st[i] = (float)lam[i];
+        st[m + i] = (float)un[i];
+        st[2 * m + i] = (float)n[i];
+        st[3 * m + i] = (float)(tmp[i] * n[i]);
+        st[4 * m + i] = (float)(tmp[i] * c->scale);
+    }
+    if (fl & TRACKED)
+        for (long long i = 0; i < m * m; i++) st[5 * m + i] = (float)nt[i];
+    return 0;
+}

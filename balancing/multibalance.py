@@ -261,7 +261,7 @@ def combination_tensor(lam: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cfg:
 class _HostState:
     """The host step's state between two steps. A plain object: an nn.Module attribute write
     costs microseconds (its __setattr__ checks), and these are written every step."""
-    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs", "native")
+    __slots__ = ("lam", "u", "tracked", "last_gram", "updates", "stage", "coef", "ptrs", "native", "mirror")
 
     def __init__(self):
         self.lam: Optional[List[float]] = None  # lambda [M] as the buffer holds it; None: read the buffer
@@ -276,6 +276,10 @@ class _HostState:
         self.coef: Optional[torch.Tensor] = None  # [M], the view of the coefficients in `stage`
         self.ptrs: Tuple[int, ...] = ()  # the buffers' data pointers while they are the views
         self.native: Optional[native.NativeStep] = None  # the compiled step on `stage`, where it was built
+        # buffers of their own (an accelerator's): whether `stage` holds their state, as after a
+        # host step on float32 buffers; not at first, nor after a load or a tensor step, which write
+        # the buffers only. (Buffers that are the stage's views need no flag.)
+        self.mirror = False
 
 
 STAGED = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced")  # the [M] buffers in `stage`, in order
@@ -389,21 +393,25 @@ class MultiBalance(GradientBalancer):
         hold it (float32), so that a run resumed from a checkpoint continues with exactly the
         straight run's state."""
         hs, m = self._hs, self.num_tasks
-        if hs.native is not None and gram.dtype is torch.float32 and gram.is_contiguous() and self._staged():
+        staged = self._staged()
+        if hs.native is not None and gram.dtype is torch.float32 and gram.is_contiguous() and (
+                staged or (hs.mirror and self._buffers["weights"].dtype is torch.float32)):
             with scope("host_step"):
-                failed = hs.native.step(gram.data_ptr(), factor)  # reads and writes the stage: the buffers
+                failed = hs.native.step(gram.data_ptr(), factor)  # reads and writes the stage
             if not failed:
                 hs.last_gram = (gram, factor)
-                hs.lam = hs.u = hs.tracked = None  # a later Python step reads the buffers
+                hs.lam = hs.u = hs.tracked = None  # the stage is the state
                 hs.updates += 1
-                return hs.coef
+                return hs.coef if staged else self._upload_stage()
             # 1: a step the Python code would raise on or sort NaN in; nothing written, same state
         with scope("host_step"):
-            lam0 = hs.lam if hs.lam is not None else self.weights.tolist()
-            u0 = hs.u if hs.u is not None else self.ema_norm.tolist()
+            # the state: the last Python step's lists, else the stage where it holds the state,
+            # else the buffers (on an accelerator, a sync: at the first step after a load only)
+            mirrored = staged or hs.mirror
+            lam0 = hs.lam if hs.lam is not None else (hs.stage[:m].tolist() if mirrored else self.weights.tolist())
+            u0 = hs.u if hs.u is not None else (hs.stage[m:2 * m].tolist() if mirrored else self.ema_norm.tolist())
             g = gram.tolist()
             hs.last_gram = (gram, factor)
-            staged = self._staged()
             tracked = self._track_host(g, factor, staged) if self.cfg.gram_ema > 0 else None
             lam, u, s, n = multibalance_update_host(g, lam0, u0, self._prior, self.cfg, factor, tracked)
             self._count_reversals(lam0, lam)
@@ -419,12 +427,30 @@ class MultiBalance(GradientBalancer):
             if staged:  # the buffers are views of the stage: written in one slice
                 hs.stage[:5 * m] = row
                 return hs.coef
+            hs.mirror = self.weights.dtype == torch.float32 and (
+                self.cfg.gram_ema == 0 or self.gram_tracked.dtype == torch.float32)
+            if hs.mirror:  # the stage keeps the state, for the compiled step
+                hs.stage[:5 * m] = row
             state = _tensor(row, self.weights.dtype).view(5, m)  # [5, M]
             if self.weights.device.type != "cpu":  # one asynchronous upload
                 state = state.pin_memory().to(self.weights.device, non_blocking=True)
             for name, values in zip(STAGED, state.unbind(0)):
                 getattr(self, name).copy_(values)
             return state[4]
+
+    def _upload_stage(self) -> torch.Tensor:
+        """After a compiled step on buffers of their own (on an accelerator): the stage [5 M (+ M^2)]
+        copied to them in one asynchronous upload -> the coefficients [M] on the buffers' device."""
+        m, stage = self.num_tasks, torch.frombuffer(self._hs.stage, dtype=torch.float32)
+        with scope("state_tensors"):
+            device = self._buffers["weights"].device
+            if device.type != "cpu":
+                stage = stage.pin_memory().to(device, non_blocking=True)
+            for i, name in enumerate(STAGED):
+                self._buffers[name].copy_(stage[i * m:(i + 1) * m])
+            if self.cfg.gram_ema > 0:
+                self._buffers["gram_tracked"].copy_(stage[5 * m:].view(m, m))
+            return stage[4 * m:5 * m]
 
     def _step_tensor(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
         """`_step` where the Gram is on an accelerator (the exact form: reading this step's Gram
@@ -440,6 +466,7 @@ class MultiBalance(GradientBalancer):
         self.update_count += 1
         c = combination_tensor(lam_t, u_t, s_t, self.cfg)
         self._hs.lam = self._hs.u = None  # the buffers are the state now
+        self._hs.mirror = False  # (not the stage)
         self.weights.copy_(lam_t)
         self.ema_norm.copy_(u_t)
         self.grad_norm.copy_(n_t)
@@ -451,9 +478,16 @@ class MultiBalance(GradientBalancer):
         seen for the first time takes this step's value) -> G~ as the buffer holds it (float32,
         so that a resumed run continues with exactly the straight run's state)."""
         eta, m, hs = self.cfg.gram_ema, len(gram), self._hs
-        # the host copy of the last step's G~; read back from the buffer (which may live on an
-        # accelerator: a sync) only when unset, i.e. at the first step or after a load
-        old = hs.tracked if hs.tracked is not None else self.gram_tracked.tolist()
+        # the host copy of the last step's G~: the last Python step's, else the stage's where it
+        # holds the state, else read back from the buffer (which may live on an accelerator: a
+        # sync) at the first step after a load
+        if hs.tracked is not None:
+            old = hs.tracked
+        elif staged or hs.mirror:
+            flat = hs.stage[5 * m:].tolist()
+            old = [flat[i * m:(i + 1) * m] for i in range(m)]
+        else:
+            old = self.gram_tracked.tolist()
         now = [gram[i][i] > 0 for i in range(m)]
         seen = [old[i][i] > 0 for i in range(m)]
         values: List[float] = []
@@ -470,6 +504,8 @@ class MultiBalance(GradientBalancer):
             if staged:
                 hs.stage[5 * m:] = kept
             else:
+                if self.gram_tracked.dtype == torch.float32:  # the stage keeps G~, for the compiled step
+                    hs.stage[5 * m:] = kept
                 new = _tensor(kept, self.gram_tracked.dtype).view(m, m)
                 if self.gram_tracked.device.type != "cpu":  # one asynchronous upload, as for the state
                     new = new.pin_memory().to(self.gram_tracked.device, non_blocking=True)
@@ -484,6 +520,7 @@ class MultiBalance(GradientBalancer):
         new = torch.where(both_now, torch.where(both_seen, torch.lerp(old, gram, self.cfg.gram_ema), gram), old)
         self.gram_tracked.copy_(new)
         self._hs.tracked = None  # the buffer is the state now
+        self._hs.mirror = False
         return self.gram_tracked
 
     def _count_reversals(self, old: List[float], new: List[float]) -> None:
@@ -561,6 +598,7 @@ class MultiBalance(GradientBalancer):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._hs.lam = self._hs.u = self._hs.tracked = None  # the loaded buffers are the state now
+        self._hs.mirror = False  # (loaded into the stage's views, or into buffers of their own)
 
 
 def _is_first_rank() -> bool:

@@ -129,3 +129,23 @@ def test_a_copied_module_takes_the_python_step_and_agrees():
     for t in range(5):
         gram = random_gram(rng, 3, t)
         assert_same(fast, copied, fast._step_host(gram, 1.0, 3), copied._step_host(gram.clone(), 1.0, 3), t)
+
+
+@pytest.mark.skipif(not native.compiler(), reason="no C compiler on this machine")
+def test_compiled_step_on_buffers_of_their_own_as_on_an_accelerator():
+    """Buffers replaced by tensors of their own (what `.to(device)` does): the first step, and the
+    first after a load, runs in Python (it reads the buffers and fills the stage); the steps
+    between are compiled, then uploaded to the buffers. Bitwise the Python step throughout."""
+    fast, slow = pair(3)
+    for mb in (fast, slow):
+        mb._apply(lambda t: t.clone())
+    assert not fast._staged() and fast._hs.native is not None
+    rng = np.random.default_rng(4)
+    for t in range(10):
+        if t == 5:
+            for mb in (fast, slow):
+                mb.load_state_dict(copy.deepcopy(slow.state_dict()))
+        gram = random_gram(rng, 3, t)
+        c_fast, c_slow = fast._step_host(gram, 0.5, 3), slow._step_host(gram.clone(), 0.5, 3)
+        assert (fast._hs.lam is not None) == (t in (0, 5)), t  # Python, then compiled
+        assert_same(fast, slow, c_fast, c_slow, t)

@@ -58,6 +58,43 @@ def _check_variants(out: dict) -> None:
     assert out["resumed"]["final_weights"] == out["fp32"]["final_weights"]  # bitwise on the device
 
 
+def compiled_and_python_weights(device: str, steps: int = 6):
+    """`deferred_weights` on `device` with the compiled host step and with the Python one
+    -> (weights [steps, M] of each, whether the compiled step ran). On a CPU the buffers are first
+    given memory of their own, the state an accelerator's buffers have."""
+    out = []
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        mb = MultiBalance(3, MultiBalanceConfig(compiled_step=compiled)).to(device)
+        if device == "cpu":
+            mb._apply(lambda t: t.clone())
+        mb.deferred.carried = True
+        w = []
+        for _ in range(steps):
+            h = torch.randn(64, 16, device=device, requires_grad=True)
+            hs = mb(h)
+            (hs * torch.randn_like(hs) * torch.tensor([1.0, 3.0, 0.2], device=device)[:, None, None]).sum().backward()
+            w.append(mb.weights.cpu().numpy().copy())
+        out.append((np.stack(w), mb._hs.native is not None and mb._hs.lam is None))
+    (fast, ran), (slow, _) = out
+    return fast, slow, ran
+
+
+def test_compiled_host_step_on_device_buffers_cpu():
+    from balancing import native
+    fast, slow, ran = compiled_and_python_weights("cpu")
+    assert np.array_equal(fast, slow) and ran == bool(native.compiler())
+
+
+@cuda
+def test_compiled_host_step_on_cuda():
+    """The compiled step on the prefetched Gram, its state uploaded to the device: bitwise the
+    Python step's weights."""
+    from balancing import native
+    fast, slow, ran = compiled_and_python_weights("cuda")
+    assert np.array_equal(fast, slow) and ran == bool(native.compiler())
+
+
 def test_deferred_host_step_cpu():
     w = deferred_weights("cpu")
     assert np.allclose(w.sum(1), 1, atol=1e-5) and np.abs(w[-1] - 1 / 3).max() > 1e-3

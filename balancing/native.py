@@ -7,7 +7,8 @@ bits (tests/balancing/test_native_step.py); it is used where the state buffers a
 stage it writes (CPU training) and the Gram is a contiguous float32 host tensor.
 
 The library is built on first use with the system's C compiler (`$CC`, else `cc`) into a cache
-folder (`$MBREC_CACHE_DIR`, else `$XDG_CACHE_HOME/mbrec` or `~/.cache/mbrec`), named by a hash
+folder (`$MBREC_CACHE_DIR`, else `$XDG_CACHE_HOME/mbrec` or `~/.cache/mbrec`; where that is not
+writable, a private folder in the temp folder), named by a hash
 of the source, flags, compiler and machine, so concurrent ranks and later runs reuse it. Without
 a compiler, or with `MBREC_NATIVE_STEP=0`, the Python step runs (same results, slower): one
 warning per process says why.
@@ -23,6 +24,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import tempfile
 from array import array
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -67,6 +69,8 @@ def build(cc: Sequence[str], out_dir: Path) -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"{out_dir} is not writable")
     tmp = out_dir / f".{lib.name}.{os.getpid()}.tmp"  # then renamed: ranks building at once never read half a file
     try:
         done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
@@ -90,7 +94,13 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         if cc is None:
             raise RuntimeError("no C compiler found (set $CC)")
-        lib = ctypes.CDLL(str(build(cc, cache_dir())))
+        try:
+            path = build(cc, cache_dir())
+        except OSError:  # the cache folder is not writable: a private one in the temp folder
+            private = Path(tempfile.gettempdir()) / f"mbrec-{os.getuid()}"
+            private.mkdir(mode=0o700, exist_ok=True)
+            path = build(cc, private)
+        lib = ctypes.CDLL(str(path))
     except (RuntimeError, OSError) as e:
         log.warning("MultiBalance's host step runs in Python (same results, ~1 %% slower a step on a CPU): %s", e)
         return None

@@ -65,6 +65,9 @@ class BenchConfig:
 MULTI_TASK = {"equal": ("equal", {}), "multibalance": ("multibalance", {}),
               "multibalance_exact": ("multibalance", {"deferred": False}),
               "multibalance_deferred": ("multibalance", {"deferred": True}),
+              # equal weights built a second time: the A/A control, what the bench reads between two
+              # identical variants (its own error, which no number of rounds removes)
+              "equal_again": ("equal", {}),
               # the default with its M-sized step in Python instead of compiled C (same results)
               "multibalance_python": ("multibalance", {"compiled_step": False}),
               # the paper's form: its step on this step's Gram (the default tracks the Gram, capped step)

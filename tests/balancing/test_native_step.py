@@ -4,6 +4,7 @@ import copy
 import itertools
 import logging
 import math
+import os
 import shutil
 
 import numpy as np
@@ -104,6 +105,20 @@ def test_without_a_compiler_the_python_step_runs_and_says_why(monkeypatch, tmp_p
         monkeypatch.setenv("MBREC_NATIVE_STEP", "0")  # asked off: no build, the Python step
         native.library.cache_clear()
         assert native.library() is None
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+@pytest.mark.skipif(not native.compiler(), reason="no C compiler on this machine")
+def test_an_unusable_cache_folder_builds_in_a_private_temp_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MBREC_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
+    native.library.cache_clear()
+    try:
+        lib = native.library()
+        assert lib is not None and f"mbrec-{os.getuid()}" in lib._name
     finally:
         monkeypatch.undo()
         native.library.cache_clear()

@@ -3,9 +3,9 @@
  * balancing/multibalance.py, one call instead of ~100 Python-level operations.
  *
  * It performs the same IEEE double operations as those Python functions, in the same order
- * (Python's sum() is ((0.0 + x0) + x1) + ...; max(a, b) keeps a unless b > a; min(a, b) keeps a
- * unless b < a), and rounds to float32 with the same C cast as array('f'), so it gives the same
- * bits: tests/balancing/test_native_step.py compares the two on random steps. Built with
+ * (max(a, b) keeps a unless b > a; min(a, b) keeps a unless b < a; sum() as `py_sum` below), and
+ * rounds to float32 with the same C cast as array('f'), so it gives the same bits:
+ * tests/balancing/test_native_step.py compares the two on random steps. Built with
  * -ffp-contract=off (no fused multiply-add) and without -ffast-math, which would reorder sums.
  *
  * Where the Python code would raise (a division by zero) or sort NaN (whose order depends on
@@ -15,7 +15,7 @@
  * counters (float64). */
 #include <math.h>
 
-enum { EMA = 1, COSINE = 2, PAPER_RESCALE = 4, CAPPED = 8, TRACKED = 16 };
+enum { EMA = 1, COSINE = 2, PAPER_RESCALE = 4, CAPPED = 8, TRACKED = 16, COMPENSATED_SUM = 32 };
 
 typedef struct {
     long long m, flags;
@@ -31,20 +31,38 @@ static const double EPS = 1e-12;
 static double py_max(double a, double b) { return b > a ? b : a; }
 static double py_min(double a, double b) { return b < a ? b : a; }
 
+/* Python's built-in sum() of floats (from its start 0): up to 3.11 ((0.0 + x0) + x1) + ...; from
+ * 3.12 (COMPENSATED_SUM) 0.0 + x0, then Neumaier's compensated sum over the rest, the compensation
+ * added at the end where it is non-zero and finite (CPython's bltinmodule.c). */
+typedef struct { double f, c; long long n; int comp; } py_sum;
+
+static py_sum sum_start(long long flags) { py_sum s = {0.0, 0.0, 0, (flags & COMPENSATED_SUM) != 0}; return s; }
+
+static void sum_add(py_sum *s, double x) {
+    if (!s->comp || s->n++ == 0) { s->f += x; return; }
+    double t = s->f + x;
+    if (fabs(s->f) >= fabs(x)) s->c += (s->f - t) + x;
+    else s->c += (x - t) + s->f;
+    s->f = t;
+}
+
+static double sum_value(const py_sum *s) { return s->comp && s->c != 0 && isfinite(s->c) ? s->f + s->c : s->f; }
+
 /* `stability_cap`: 1 / min(trace, max row sum) of Gram(V) (cosine: of its scaled form) over the
  * active tasks. vn: [m] scratch. */
-static double stability_cap(long long m, const double *gv, const char *active, int cosine,
-                            double norm_a, double *vn) {
-    int any = 0;
+static double stability_cap(long long m, long long fl, const double *gv, const char *active, double norm_a,
+                            double *vn) {
+    int any = 0, cosine = (fl & COSINE) != 0;
     for (long long i = 0; i < m; i++) any |= active[i];
     if (!any) return INFINITY;
-    double denom = py_max(norm_a, EPS), trace = 0.0, rows = 0.0;
+    double denom = py_max(norm_a, EPS), rows = 0.0;
+    py_sum trace = sum_start(fl);
     int first = 1;
     if (cosine)
         for (long long i = 0; i < m; i++) vn[i] = sqrt(py_max(gv[i * m + i], 0.0));
     for (long long i = 0; i < m; i++) {
         if (!active[i]) continue;
-        double row = 0.0;
+        py_sum row = sum_start(fl);
         for (long long j = 0; j < m; j++) {
             if (!active[j]) continue;
             double a = gv[i * m + j];
@@ -52,29 +70,30 @@ static double stability_cap(long long m, const double *gv, const char *active, i
                 double r = sqrt(vn[i] * vn[j]);
                 a = a / (EPS > r ? EPS : r) / denom;
             }
-            if (j == i) trace += a;
-            row += fabs(a);
+            if (j == i) sum_add(&trace, a);
+            sum_add(&row, fabs(a));
         }
-        if (first || row > rows) rows = row;
+        double r = sum_value(&row);
+        if (first || r > rows) rows = r;
         first = 0;
     }
-    double bound = py_min(trace, rows);
+    double bound = py_min(sum_value(&trace), rows);
     return bound > 0 ? 1.0 / bound : INFINITY;
 }
 
 /* `project_simplex_host` into out [m]; -> 1 where an active entry is NaN. sorted: [m] scratch. */
-static int project_simplex(long long m, const double *y, const char *active, const double *fallback,
+static int project_simplex(long long m, long long fl, const double *y, const char *active, const double *fallback,
                            double *sorted, double *out) {
-    double inactive = 0.0;
+    py_sum inactive = sum_start(fl);
     long long k = 0;
     for (long long i = 0; i < m; i++) {
-        if (!active[i]) { inactive += fallback[i]; continue; }
+        if (!active[i]) { sum_add(&inactive, fallback[i]); continue; }
         if (isnan(y[i])) return 1;
         long long j = k++;  /* insertion, descending */
         while (j > 0 && sorted[j - 1] < y[i]) { sorted[j] = sorted[j - 1]; j--; }
         sorted[j] = y[i];
     }
-    double mass = 1.0 - inactive, theta = 0.0, css = 0.0;
+    double mass = 1.0 - sum_value(&inactive), theta = 0.0, css = 0.0;  /* css: a loop's +=, not sum() */
     for (long long r = 1; r <= k; r++) {
         double yk = sorted[r - 1];
         css += yk;
@@ -123,29 +142,30 @@ int mb_host_step(mb_ctx *c, const float *gram, double factor) {
             gv[i * m + j] = x * f * s[i] * s[j];  /* Gram(V) = S G S */
         }
     }
-    double dot = 0.0;
     for (long long i = 0; i < m; i++) {
-        double acc = 0.0;
-        for (long long j = 0; j < m; j++) acc += gv[i * m + j] * d[j];
-        dir[i] = acc;  /* <v_i, V d> */
+        py_sum acc = sum_start(fl);
+        for (long long j = 0; j < m; j++) sum_add(&acc, gv[i * m + j] * d[j]);
+        dir[i] = sum_value(&acc);  /* <v_i, V d> */
     }
-    for (long long i = 0; i < m; i++) dot += d[i] * dir[i];
-    double norm_a = sqrt(py_max(dot, 0.0)), beta = c->beta;
+    py_sum dot = sum_start(fl);
+    for (long long i = 0; i < m; i++) sum_add(&dot, d[i] * dir[i]);
+    double norm_a = sqrt(py_max(sum_value(&dot), 0.0)), beta = c->beta;
     if (fl & COSINE)
         for (long long i = 0; i < m; i++) dir[i] = dir[i] / py_max(s[i] * vn[i] * norm_a, EPS);
-    if (fl & CAPPED) beta = py_min(beta, stability_cap(m, gv, active, fl & COSINE, norm_a, tmp));
+    if (fl & CAPPED) beta = py_min(beta, stability_cap(m, fl, gv, active, norm_a, tmp));
     for (long long i = 0; i < m; i++) {
         y[i] = (double)st[i] - beta * dir[i];  /* eq. 12 */
         coef[i] = st[i];  /* lambda before the step, the projection's fallback */
     }
-    if (project_simplex(m, y, active, coef, tmp, lam)) return 1;
+    if (project_simplex(m, fl, y, active, coef, tmp, lam)) return 1;
     /* `combination` */
     if ((fl & EMA) && (fl & PAPER_RESCALE)) {
-        double known = 0.0, mean_u = 1.0;
+        py_sum known = sum_start(fl);
+        double mean_u = 1.0;
         long long count = 0;
         for (long long i = 0; i < m; i++)
-            if (un[i] > 0) { known += un[i]; count++; }
-        if (count) mean_u = known / (double)count;
+            if (un[i] > 0) { sum_add(&known, un[i]); count++; }
+        if (count) mean_u = sum_value(&known) / (double)count;
         for (long long i = 0; i < m; i++) tmp[i] = un[i] > 0 ? lam[i] * mean_u / un[i] : lam[i];
     } else
         for (long long i = 0; i < m; i++) tmp[i] = lam[i] * s[i];

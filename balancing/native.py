@@ -24,6 +24,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from array import array
 from pathlib import Path
@@ -35,7 +36,9 @@ SOURCE = Path(__file__).with_name("host_step.c")
 # no fused multiply-add and no reassociation: the Python floats' operations, one by one
 FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
 ENV_SWITCH = "MBREC_NATIVE_STEP"
-FLAG_BITS = {"ema": 1, "cosine": 2, "paper_rescale": 4, "capped": 8, "tracked": 16}
+FLAG_BITS = {"ema": 1, "cosine": 2, "paper_rescale": 4, "capped": 8, "tracked": 16, "compensated_sum": 32}
+# Python's sum() of floats is compensated (Neumaier) from 3.12 on: the C step sums as this Python does
+COMPENSATED_SUM = sys.version_info >= (3, 12)
 
 
 class _Ctx(ctypes.Structure):
@@ -133,5 +136,6 @@ def _none() -> None:
 
 
 def flags_of(ema: bool, cosine: bool, paper_rescale: bool, capped: bool, tracked: bool) -> int:
-    on = {"ema": ema, "cosine": cosine, "paper_rescale": paper_rescale, "capped": capped, "tracked": tracked}
+    on = {"ema": ema, "cosine": cosine, "paper_rescale": paper_rescale, "capped": capped, "tracked": tracked,
+          "compensated_sum": COMPENSATED_SUM}
     return sum(bit for name, bit in FLAG_BITS.items() if on[name])

@@ -6,12 +6,13 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from balancing import native
+from balancing import multibalance, native
 from balancing.multibalance import MultiBalance, MultiBalanceConfig
 
 BUFFERS = ("weights", "ema_norm", "grad_norm", "grad_norm_balanced")
@@ -164,3 +165,72 @@ def test_compiled_step_on_buffers_of_their_own_as_on_an_accelerator():
         c_fast, c_slow = fast._step_host(gram, 0.5, 3), slow._step_host(gram.clone(), 0.5, 3)
         assert (fast._hs.lam is not None) == (t in (0, 5)), t  # Python, then compiled
         assert_same(fast, slow, c_fast, c_slow, t)
+
+
+SUM_312 = """
+def sum_312(xs):
+    # Python 3.12's built-in sum() of floats: 0 + x0, then Neumaier's compensated sum
+    it = iter(xs)
+    for first in it:
+        break
+    else:
+        return 0
+    f, c = 0 + first, 0.0
+    for x in it:
+        t = f + x
+        c += (f - t) + x if abs(f) >= abs(x) else (x - t) + f
+        f = t
+    if c and math.isfinite(c):
+        f += c
+    return f
+"""
+exec(SUM_312)  # defines sum_312 here; the same text runs under Python 3.12+ below
+
+
+def test_the_mirror_of_python_3_12s_sum_is_its_sum():
+    """`sum_312` gives real Python 3.12 / 3.13's sum() to the bit, on sums with cancellation,
+    infinities, NaN and signed zeros (skipped where no such Python is found)."""
+    from pathlib import Path
+    pythons = [p for p in (shutil.which("python3.12"), shutil.which("python3.13")) if p]
+    pythons += sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob("3.1[2-9]*/bin/python3"))
+    script = "import math, random\n" + SUM_312 + """
+random.seed(0)
+specials = [0.0, -0.0, 1e308, -1e308, float('inf'), float('-inf'), float('nan'), 5e-324]
+bad = 0
+for n in range(20000):
+    k = random.randint(0, 14)
+    xs = [random.choice(specials) if random.random() < 0.05 else
+          random.uniform(-1, 1) * 10.0 ** random.randint(-20, 20) for _ in range(k)]
+    a, b = sum(xs), sum_312(xs)
+    bad += not (a == b and math.copysign(1, a) == math.copysign(1, b) or a != a and b != b)
+print(bad)
+"""
+    ran = 0
+    for py in pythons:
+        done = subprocess.run([py, "-c", script], capture_output=True, text=True, timeout=120)
+        if done.returncode == 127:
+            continue  # a shim (pyenv's) without that version selected
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "0", (py, done.stdout)
+        ran += 1
+    if not ran:
+        pytest.skip("no Python 3.12 or newer found")
+
+
+@pytest.mark.skipif(not native.compiler(), reason="no C compiler on this machine")
+@pytest.mark.parametrize("m", [3, 12])
+def test_compiled_step_sums_as_python_3_12_does_where_that_is_the_python(m, monkeypatch):
+    """From Python 3.12 sum() is compensated: the compiled step's COMPENSATED_SUM mode against the
+    Python step with 3.12's sum (`sum_312`) in place of the built-in, bit for bit."""
+    monkeypatch.setattr(native, "COMPENSATED_SUM", True)
+    monkeypatch.setattr(multibalance, "sum", sum_312, raising=False)  # the step's global `sum`
+    rng = np.random.default_rng(10 + m)
+    for cfg in CONFIGS[::3]:
+        fast, slow = pair(m, **cfg)
+        scale = m if cfg["scale_by_tasks"] else 1.0
+        for t in range(25):
+            gram, factor = random_gram(rng, m, t), 0.5
+            c_fast, c_slow = fast._step_host(gram, factor, scale), slow._step_host(gram.clone(), factor, scale)
+            assert fast._hs.lam is None, "the compiled step fell back"
+            assert_same(fast, slow, c_fast, c_slow, (cfg, t))
+    assert native.flags_of(True, True, True, True, True) & native.FLAG_BITS["compensated_sum"]

@@ -389,21 +389,33 @@ class MultiBalance(GradientBalancer):
         return self._step_tensor(gram, factor, scale)
 
     def _step_host(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
-        """`_step` in Python floats, where the Gram is on the host. The state is kept as the buffers
-        hold it (float32), so that a run resumed from a checkpoint continues with exactly the
-        straight run's state."""
-        hs, m = self._hs, self.num_tasks
+        """`_step` where the Gram is on the host: compiled, else in Python floats (the same bits). The
+        state is kept as the buffers hold it (float32), so that a run resumed from a checkpoint
+        continues with exactly the straight run's state."""
         staged = self._staged()
-        if hs.native is not None and gram.dtype is torch.float32 and gram.is_contiguous() and (
+        coef = self._step_compiled(gram, factor, staged)
+        return coef if coef is not None else self._step_python(gram, factor, scale, staged)
+
+    def _step_compiled(self, gram: torch.Tensor, factor: float, staged: bool) -> Optional[torch.Tensor]:
+        """`_step_host` as one call of the compiled step (balancing/native.py) where it applies:
+        built, a float32 Gram, and the stage holding the state -> the coefficients [M], or None
+        (then the Python step runs: also when the C code declines a step, having written nothing,
+        where Python would raise or sort NaN)."""
+        hs = self._hs
+        if hs.native is None or gram.dtype is not torch.float32 or not gram.is_contiguous() or not (
                 staged or (hs.mirror and self._buffers["weights"].dtype is torch.float32)):
-            with scope("host_step"):
-                failed = hs.native.step(gram.data_ptr(), factor)  # reads and writes the stage
-            if not failed:
-                hs.last_gram = (gram, factor)
-                hs.lam = hs.u = hs.tracked = None  # the stage is the state
-                hs.updates += 1
-                return hs.coef if staged else self._upload_stage()
-            # 1: a step the Python code would raise on or sort NaN in; nothing written, same state
+            return None
+        with scope("host_step"):
+            if hs.native.step(gram.data_ptr(), factor):  # reads and writes the stage
+                return None
+        hs.last_gram = (gram, factor)
+        hs.lam = hs.u = hs.tracked = None  # the stage is the state
+        hs.updates += 1
+        return hs.coef if staged else self._upload_stage()
+
+    def _step_python(self, gram: torch.Tensor, factor: float, scale: float, staged: bool) -> torch.Tensor:
+        """`_step_host` in Python floats."""
+        hs, m = self._hs, self.num_tasks
         with scope("host_step"):
             # the state: the last Python step's lists, else the stage where it holds the state,
             # else the buffers (on an accelerator, a sync: at the first step after a load only)

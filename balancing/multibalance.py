@@ -33,11 +33,13 @@ with the previous batch's norms): a task whose labelled rows go 0 -> few -> many
 dropped nor blown up by the previous batch.
 Off: the per-step algorithm, with one all-reduce of M^2 numbers inside every backward.
 
-The M-sized step runs in Python floats (`multibalance_update_host`) wherever the Gram is on the
-host: in CPU training, and with `deferred` on an accelerator, where the previous step's Gram is
-copied to pinned host memory in the forward (`DeferredGram.prefetch`) and read in the backward
-without stalling the device; the new coefficients go back in one asynchronous upload. Each torch
-op there costs microseconds of dispatch or a kernel launch, and the step would take about 40.
+The M-sized step runs on the host (`multibalance_update_host`, in Python floats, or the same
+operations compiled from C, `balancing/host_step.c`, which give the same bits) wherever the Gram
+is on the host: in CPU training, and with `deferred` on an accelerator, where the previous
+step's Gram is copied to pinned host memory in the forward (`DeferredGram.prefetch`) and read in
+the backward without stalling the device; the new coefficients go back in one asynchronous
+upload. Each torch op there costs microseconds of dispatch or a kernel launch, and the step
+would take about 40.
 The exact form on an accelerator runs the same step as sync-free tensor ops
 (`multibalance_update`): its Gram is this step's, and reading it would stall the device queue.
 

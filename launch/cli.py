@@ -225,7 +225,7 @@ def cmd_compare_worker(args) -> int:
 
 def _bench_args(args) -> List[str]:
     out = ["--variants", args.variants, "--rounds", str(args.rounds), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--out", args.out]
+           "--warmup", str(args.warmup), "--rebuilds", str(args.rebuilds), "--out", args.out]
     flags = (("--parquet", args.parquet), ("--one-at-a-time", args.one_at_a_time), ("--breakdown", args.breakdown),
              ("--no-pin", not args.pin))
     return out + [flag for flag, on in flags if on]
@@ -256,7 +256,7 @@ def cmd_bench_worker(args) -> int:
     cfg = load_config(args.config, args.set)
     bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
                         warmup_steps=args.warmup, parquet=args.parquet, one_at_a_time=args.one_at_a_time,
-                        pin=args.pin)
+                        pin=args.pin, rebuilds=args.rebuilds)
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     if args.breakdown:
         return _breakdown_worker(cfg, bench, env, args.out)
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--steps", type=int, default=0, help="timed steps per variant per round; default 2 (short "
                         "rounds pair the variants closely in time) on a CPU, 20 on a GPU, 50 with one variant built at a time")
         sp.add_argument("--warmup", type=int, default=10, help="steps before a variant's first round")
+        sp.add_argument("--rebuilds", type=int, default=1, help="build the variants anew this many times over the "
+                        "rounds: averages over builds' memory layouts, which move an identical variant by ~1 %%")
         sp.add_argument("--no-pin", dest="pin", action="store_false",
                         help="CPU: leave the ranks' threads where the OS puts them")
         sp.add_argument("--parquet", action="store_true", help="read the config's train files")

@@ -59,6 +59,9 @@ class BenchConfig:
     one_at_a_time: bool = False  # build each variant anew per round (GPU memory), else keep all
     distinct_batches: int = 8
     pin: bool = True  # CPU: each rank on its own cores (see the module docstring)
+    # the kept variants built anew this many times over the rounds (each build keeps its own
+    # memory layout, which moves a variant's speed by up to ~1 % against an identical one's: A/A)
+    rebuilds: int = 1
 
 
 # the multi-task variants: name -> (balancer method, MultiBalance settings over the configured ones)
@@ -194,7 +197,12 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     samples = cfg.data.batch_size * env.world_size  # per step
     streams: Dict[str, Iterator] = {}  # a resident variant's batches, kept between rounds with its pipeline
     with precision_context(cfg.trainer.precision, env.device):
+        every = bench.rounds // bench.rebuilds if bench.rebuilds > 1 and built else 0
         for r in range(bench.rounds):
+            if every and r and r % every == 0:  # a new build of every variant, warmed up again
+                built, streams = {}, {}
+                gc.collect()
+                built = _build_resident(cfg, bench, env)
             order = bench.variants[r % len(bench.variants):] + bench.variants[:r % len(bench.variants)]
             for v in order:  # rotated each round: no variant always runs first
                 pipeline, convert = built[v] if v in built else build_variant(v, cfg, env)
@@ -282,7 +290,7 @@ def summarize(qps: Dict[str, Dict[str, List[float]]], cfg, bench: BenchConfig, e
             "world_size": env.world_size, "batch_size_per_rank": cfg.data.batch_size,
             "precision": cfg.trainer.precision, "embedding_precision": cfg.model.embedding_precision,
             "input": "parquet" if bench.parquet else "in-memory", "steps": bench.steps,
-            "one_at_a_time": bench.one_at_a_time, "variants": rows}
+            "one_at_a_time": bench.one_at_a_time, "rebuilds": bench.rebuilds, "variants": rows}
 
 
 def paired_ratio(values: List[float], base: List[float], width: float = 0.01) -> Dict:
@@ -312,6 +320,7 @@ def format_table(result: Dict) -> str:
     lines = [f"{result['device']} x {result['world_size']} ranks, batch {result['batch_size_per_rank']}/rank, "
              f"{result['precision']} dense, {result['embedding_precision']} tables, {result['input']} input, "
              f"{len(next(iter(result['variants'].values()))['rounds'])} rounds of {result['steps']} steps"
+             + (f", variants built {result['rebuilds']} times" if result.get("rebuilds", 1) > 1 else "")
              + (f", rank 0 pinned to cores {pinned}, {result.get('threads')} thread(s)" if pinned else ""),
              "paired/equal: the median of same-round ratios to equal weights (95 % interval); rounds: what an "
              "interval of +-1 % needs",

@@ -19,13 +19,22 @@ def _bench(raw):
     parquet = run_bench(from_dict(RunConfig, raw), BenchConfig(variants=["equal"], rounds=1, steps=30,
                                                                  warmup_steps=2, parquet=True), env)
     breakdown = run_breakdown(from_dict(RunConfig, raw), ["equal", "multibalance"], steps=3, warmup=2, env=env)
-    return result, format_table(result), parquet, breakdown, format_breakdown(breakdown), torch.get_num_threads()
+    import trainer.bench as tb
+    built, build = [], tb.build_variant
+    tb.build_variant = lambda v, c, e: (built.append(v), build(v, c, e))[1]  # counts the builds
+    try:  # the A/A control, its variants built twice over the rounds
+        again = run_bench(from_dict(RunConfig, raw), BenchConfig(["equal", "equal_again"], rounds=4, steps=1,
+                                                                 warmup_steps=1, rebuilds=2), env)
+    finally:
+        tb.build_variant = build
+    return (result, format_table(result), parquet, breakdown, format_breakdown(breakdown), torch.get_num_threads(),
+            (again, format_table(again), built))
 
 
 def test_bench_all_variants_two_ranks(tiny_config):
     raw = apply_overrides(copy.deepcopy(tiny_config), ["model.dense_arch=[16, 8]", "model.embedding_dim=8"])
     r0, r1 = run_ranks(_bench, (raw,))
-    result, table, parquet, breakdown, breakdown_table, threads = r0
+    result, table, parquet, breakdown, breakdown_table, threads, (again, again_table, built) = r0
     assert set(result["variants"]) == {"equal", "multibalance_exact", "multibalance_deferred", "multibalance_paper",
                                        "param_mgda", "dlrm_dcn"}
     for v, r in result["variants"].items():
@@ -50,6 +59,10 @@ def test_bench_all_variants_two_ranks(tiny_config):
     assert not any(k.startswith("balancer") for k in eq["rows"]) and not eq["timers_us"]
     assert mb["timers_us"]["fan_out_backward"] >= mb["timers_us"]["host_step"] > 0  # inclusive
     assert "balancer ranges, timers" in breakdown_table
+    # rebuilds: each variant built again half way; the A/A pair timed in every round
+    assert sorted(built) == ["equal", "equal", "equal_again", "equal_again"]
+    assert len(again["variants"]["equal_again"]["rounds"]) == 4 and again["rebuilds"] == 2
+    assert "variants built 2 times" in again_table
 
 
 def test_paired_ratio_and_the_rounds_an_interval_needs():

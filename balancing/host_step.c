@@ -103,23 +103,68 @@ static int project_simplex(long long m, long long fl, const double *y, const cha
     return 0;
 }
 
-int mb_host_step(mb_ctx *c, const float *gram, double factor) {
-    const long long m = c->m, fl = c->flags;
-    float *st = c->stage;
-    double *n = c->scratch, *un = n + m, *s = un + m, *d = s + m, *dir = d + m, *vn = dir + m,
-           *y = vn + m, *lam = y + m, *coef = lam + m, *tmp = coef + m, *gv = tmp + m, *nt = gv + m * m;
-    char active[m > 0 ? m : 1];
-    if (fl & TRACKED) {  /* `_track_host`: G~ over the pairs of tasks with a gradient now */
-        for (long long i = 0; i < m; i++) {
-            int now_i = (double)gram[i * m + i] > 0, seen_i = (double)st[5 * m + i * m + i] > 0;
-            for (long long j = 0; j < m; j++) {
-                double o = st[5 * m + i * m + j], x = gram[i * m + j], v = o;
-                int now_j = (double)gram[j * m + j] > 0, seen_j = (double)st[5 * m + j * m + j] > 0;
-                if (now_i && now_j) v = seen_i && seen_j ? o + c->eta * (x * factor - o) : x * factor;
-                nt[i * m + j] = (double)(float)v;  /* as the buffer holds it */
-            }
+/* `_track_host`: G~ [m^2] <- (1 - eta) G~ + eta factor G over the pairs of tasks with a gradient
+ * now (a pair seen the first time: factor G), rounded as the buffer holds it, into nt. */
+static void track_gram(const mb_ctx *c, const float *gram, double factor, double *nt) {
+    const long long m = c->m;
+    const float *old = c->stage + 5 * m;
+    for (long long i = 0; i < m; i++) {
+        int now_i = (double)gram[i * m + i] > 0, seen_i = (double)old[i * m + i] > 0;
+        for (long long j = 0; j < m; j++) {
+            double o = old[i * m + j], x = gram[i * m + j], v = o;
+            int now_j = (double)gram[j * m + j] > 0, seen_j = (double)old[j * m + j] > 0;
+            if (now_i && now_j) v = seen_i && seen_j ? o + c->eta * (x * factor - o) : x * factor;
+            nt[i * m + j] = (double)(float)v;
         }
     }
+}
+
+/* `combination`: the coefficients c [m] of the gradients passed on, into out. */
+static void combination(const mb_ctx *c, const double *lam, const double *un, const double *s, double *out) {
+    const long long m = c->m, fl = c->flags;
+    if ((fl & EMA) && (fl & PAPER_RESCALE)) {
+        py_sum known = sum_start(fl);
+        double mean_u = 1.0;
+        long long count = 0;
+        for (long long i = 0; i < m; i++)
+            if (un[i] > 0) { sum_add(&known, un[i]); count++; }
+        if (count) mean_u = sum_value(&known) / (double)count;
+        for (long long i = 0; i < m; i++) out[i] = un[i] > 0 ? lam[i] * mean_u / un[i] : lam[i];
+    } else
+        for (long long i = 0; i < m; i++) out[i] = lam[i] * s[i];
+}
+
+/* The step's results into the state: `_count_reversals` (on the unrounded lambda, against the
+ * old one), then the stage [lam | u | n | balanced | coef | G~] rounded to float32. */
+static void commit(mb_ctx *c, const double *old, const double *lam, const double *un, const double *n,
+                   const double *coef, const double *nt) {
+    const long long m = c->m;
+    float *st = c->stage;
+    for (long long i = 0; i < m; i++) {
+        double delta = lam[i] - old[i];
+        if (delta * c->last_delta[i] < 0) c->reversals[i] += 1;
+        c->moved[i] += fabs(delta);
+        if (delta != 0) c->last_delta[i] = delta;
+    }
+    for (long long i = 0; i < m; i++) {
+        st[i] = (float)lam[i];
+        st[m + i] = (float)un[i];
+        st[2 * m + i] = (float)n[i];
+        st[3 * m + i] = (float)(coef[i] * n[i]);
+        st[4 * m + i] = (float)(coef[i] * c->scale);
+    }
+    if (c->flags & TRACKED)
+        for (long long i = 0; i < m * m; i++) st[5 * m + i] = (float)nt[i];
+}
+
+/* One step (`MultiBalance._step_python`): -> 0, the stage holds the new state; 1, nothing written. */
+int mb_host_step(mb_ctx *c, const float *gram, double factor) {
+    const long long m = c->m, fl = c->flags;
+    const float *st = c->stage;
+    double *n = c->scratch, *un = n + m, *s = un + m, *d = s + m, *dir = d + m, *vn = dir + m,
+           *y = vn + m, *lam = y + m, *old = lam + m, *tmp = old + m, *gv = tmp + m, *nt = gv + m * m;
+    char active[m > 0 ? m : 1];
+    if (fl & TRACKED) track_gram(c, gram, factor, nt);
     /* `multibalance_update_host` */
     for (long long i = 0; i < m; i++) {
         double ui = st[m + i];
@@ -155,35 +200,10 @@ int mb_host_step(mb_ctx *c, const float *gram, double factor) {
     if (fl & CAPPED) beta = py_min(beta, stability_cap(m, fl, gv, active, norm_a, tmp));
     for (long long i = 0; i < m; i++) {
         y[i] = (double)st[i] - beta * dir[i];  /* eq. 12 */
-        coef[i] = st[i];  /* lambda before the step, the projection's fallback */
+        old[i] = st[i];  /* lambda before the step, the projection's fallback */
     }
-    if (project_simplex(m, fl, y, active, coef, tmp, lam)) return 1;
-    /* `combination` */
-    if ((fl & EMA) && (fl & PAPER_RESCALE)) {
-        py_sum known = sum_start(fl);
-        double mean_u = 1.0;
-        long long count = 0;
-        for (long long i = 0; i < m; i++)
-            if (un[i] > 0) { sum_add(&known, un[i]); count++; }
-        if (count) mean_u = sum_value(&known) / (double)count;
-        for (long long i = 0; i < m; i++) tmp[i] = un[i] > 0 ? lam[i] * mean_u / un[i] : lam[i];
-    } else
-        for (long long i = 0; i < m; i++) tmp[i] = lam[i] * s[i];
-    /* nothing can fail from here: commit. `_count_reversals` (on the unrounded lambda) */
-    for (long long i = 0; i < m; i++) {
-        double delta = lam[i] - coef[i];
-        if (delta * c->last_delta[i] < 0) c->reversals[i] += 1;
-        c->moved[i] += fabs(delta);
-        if (delta != 0) c->last_delta[i] = delta;
-    }
-    for (long long i = 0; i < m; i++) {
-        st[i] = (float)lam[i];
-        st[m + i] = (float)un[i];
-        st[2 * m + i] = (float)n[i];
-        st[3 * m + i] = (float)(tmp[i] * n[i]);
-        st[4 * m + i] = (float)(tmp[i] * c->scale);
-    }
-    if (fl & TRACKED)
-        for (long long i = 0; i < m * m; i++) st[5 * m + i] = (float)nt[i];
+    if (project_simplex(m, fl, y, active, old, tmp, lam)) return 1;
+    combination(c, lam, un, s, tmp);
+    commit(c, old, lam, un, n, tmp, nt);  /* nothing can fail from here */
     return 0;
 }

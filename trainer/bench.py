@@ -197,7 +197,7 @@ def run_bench(cfg, bench: BenchConfig, env: DistEnv) -> Dict:
     samples = cfg.data.batch_size * env.world_size  # per step
     streams: Dict[str, Iterator] = {}  # a resident variant's batches, kept between rounds with its pipeline
     with precision_context(cfg.trainer.precision, env.device):
-        every = bench.rounds // bench.rebuilds if bench.rebuilds > 1 and built else 0
+        every = rebuild_every(bench) if built else 0
         for r in range(bench.rounds):
             if every and r and r % every == 0:  # a new build of every variant, warmed up again
                 built, streams = {}, {}
@@ -242,6 +242,14 @@ def fits_resident(per_variant: int, free: int, variants: int, headroom: float = 
     """Whether the other `variants - 1` variants, `per_variant` bytes each as built (their
     optimizer state and activations come on top: hence the headroom), fit in `free` bytes."""
     return (variants - 1) * per_variant <= headroom * free
+
+
+def rebuild_every(bench: BenchConfig) -> int:
+    """Rounds between two builds of the kept variants (0: built once), for `bench.rebuilds` builds
+    over `bench.rounds` rounds (after `resolve_counts`)."""
+    if not 1 <= bench.rebuilds <= bench.rounds:
+        raise ValueError(f"bench rebuilds must be between 1 and the rounds ({bench.rounds}), got {bench.rebuilds}")
+    return bench.rounds // bench.rebuilds if bench.rebuilds > 1 else 0
 
 
 def _build_resident(cfg, bench: BenchConfig, env: DistEnv) -> Dict:

@@ -120,3 +120,12 @@ def test_rounds_and_steps_follow_the_mode_unless_given():
     resolve_counts(gpu, "cuda")
     assert (resident.rounds, resident.steps) == (200, 2) and (rebuilt.rounds, rebuilt.steps) == (5, 50)
     assert (given.rounds, given.steps) == (7, 3) and (gpu.rounds, gpu.steps) == (30, 20)
+
+
+def test_rebuilds_are_spread_over_the_rounds_and_checked():
+    from trainer.bench import BenchConfig, rebuild_every
+    assert rebuild_every(BenchConfig(rounds=3000, rebuilds=10)) == 300
+    assert rebuild_every(BenchConfig(rounds=5, rebuilds=1)) == 0  # built once
+    for bad in (0, 6):  # none, or more builds than rounds (which would silently build once)
+        with pytest.raises(ValueError, match="rebuilds must be between 1 and the rounds"):
+            rebuild_every(BenchConfig(rounds=5, rebuilds=bad))

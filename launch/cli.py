@@ -87,6 +87,10 @@ COLLECTIVE_FAILURES = ("timeout", "timed out", "pair closure", "connection reset
                        "connection refused", "nccl", "gloo")
 FAILURE_NOTE = "failed-rank{rank}.txt"  # in the run's logs/: the first line of a rank's own error
 NOTE_WAIT_S = 3.0  # how long a rank left in a failed collective looks for the failed rank's note
+# how far apart the ranks of one attempt may start (imports on a loaded machine take seconds): a
+# peer may fail, and leave its note, before this rank has started. Each rank removes its own old
+# note when it starts, so an older note is one of a rank that never started this run
+STARTUP_SKEW_S = 120.0
 
 
 def run_rank(fn, logs: Path, pg_timeout_s: float) -> int:
@@ -95,12 +99,16 @@ def run_rank(fn, logs: Path, pg_timeout_s: float) -> int:
     says which rank failed and what it said, instead of gloo's or NCCL's own words. -> exit code."""
     rank, started = os.environ.get("RANK", "0"), time.time()
     try:
+        (logs / FAILURE_NOTE.format(rank=rank)).unlink(missing_ok=True)  # from an earlier run or attempt
+    except OSError:
+        pass
+    try:
         fn()
     except RuntimeError as e:
         if not _collective_failure(e):
             _note_failure(logs, rank, e)
             raise
-        first = _first_failure(logs, rank, started)
+        first = _first_failure(logs, rank, started - STARTUP_SKEW_S)
         if first:
             log.error("rank %s failed: see its first error (%s): %s", first[0], logs / f"rank{first[0]}.log", first[1])
         else:

@@ -405,7 +405,7 @@ class MultiBalance(GradientBalancer):
         where Python would raise or sort NaN)."""
         hs = self._hs
         if hs.native is None or gram.dtype is not torch.float32 or not gram.is_contiguous() or not (
-                staged or (hs.mirror and self._buffers["weights"].dtype is torch.float32)):
+                staged or (hs.mirror and self._mirrors())):
             return None
         with scope("host_step"):
             if hs.native.step(gram.data_ptr(), factor):  # reads and writes the stage
@@ -413,7 +413,10 @@ class MultiBalance(GradientBalancer):
         hs.last_gram = (gram, factor)
         hs.lam = hs.u = hs.tracked = None  # the stage is the state
         hs.updates += 1
-        return hs.coef if staged else self._upload_stage()
+        if staged:
+            return hs.coef
+        with scope("state_tensors"):
+            return self._upload_stage()
 
     def _step_python(self, gram: torch.Tensor, factor: float, scale: float, staged: bool) -> torch.Tensor:
         """`_step_host` in Python floats."""
@@ -441,10 +444,10 @@ class MultiBalance(GradientBalancer):
             if staged:  # the buffers are views of the stage: written in one slice
                 hs.stage[:5 * m] = row
                 return hs.coef
-            hs.mirror = self.weights.dtype == torch.float32 and (
-                self.cfg.gram_ema == 0 or self.gram_tracked.dtype == torch.float32)
-            if hs.mirror:  # the stage keeps the state, for the compiled step
+            hs.mirror = self._mirrors()
+            if hs.mirror:  # buffers of their own, float32: the stage keeps the state (for the compiled step)
                 hs.stage[:5 * m] = row
+                return self._upload_stage()
             state = _tensor(row, self.weights.dtype).view(5, m)  # [5, M]
             if self.weights.device.type != "cpu":  # one asynchronous upload
                 state = state.pin_memory().to(self.weights.device, non_blocking=True)
@@ -452,19 +455,23 @@ class MultiBalance(GradientBalancer):
                 getattr(self, name).copy_(values)
             return state[4]
 
+    def _mirrors(self) -> bool:
+        """Whether the float32 stage can hold the state of these buffers (of their own): all float32."""
+        b = self._buffers
+        return b["weights"].dtype is torch.float32 and (self.cfg.gram_ema == 0 or b["gram_tracked"].dtype is torch.float32)
+
     def _upload_stage(self) -> torch.Tensor:
-        """After a compiled step on buffers of their own (on an accelerator): the stage [5 M (+ M^2)]
+        """After a host step on float32 buffers of their own (on an accelerator): the stage [5 M (+ M^2)]
         copied to them in one asynchronous upload -> the coefficients [M] on the buffers' device."""
         m, stage = self.num_tasks, torch.frombuffer(self._hs.stage, dtype=torch.float32)
-        with scope("state_tensors"):
-            device = self._buffers["weights"].device
-            if device.type != "cpu":
-                stage = stage.pin_memory().to(device, non_blocking=True)
-            for i, name in enumerate(STAGED):
-                self._buffers[name].copy_(stage[i * m:(i + 1) * m])
-            if self.cfg.gram_ema > 0:
-                self._buffers["gram_tracked"].copy_(stage[5 * m:].view(m, m))
-            return stage[4 * m:5 * m]
+        device = self._buffers["weights"].device
+        if device.type != "cpu":
+            stage = stage.pin_memory().to(device, non_blocking=True)
+        for i, name in enumerate(STAGED):
+            self._buffers[name].copy_(stage[i * m:(i + 1) * m])
+        if self.cfg.gram_ema > 0:
+            self._buffers["gram_tracked"].copy_(stage[5 * m:].view(m, m))
+        return stage[4 * m:5 * m]
 
     def _step_tensor(self, gram: torch.Tensor, factor: float, scale: float) -> torch.Tensor:
         """`_step` where the Gram is on an accelerator (the exact form: reading this step's Gram
@@ -515,11 +522,9 @@ class MultiBalance(GradientBalancer):
         flat = kept.tolist()
         hs.tracked = [flat[i * m:(i + 1) * m] for i in range(m)]
         with scope("state_tensors"):
-            if staged:
+            if staged or self._mirrors():  # into the stage (buffers of their own: uploaded with the state)
                 hs.stage[5 * m:] = kept
             else:
-                if self.gram_tracked.dtype == torch.float32:  # the stage keeps G~, for the compiled step
-                    hs.stage[5 * m:] = kept
                 new = _tensor(kept, self.gram_tracked.dtype).view(m, m)
                 if self.gram_tracked.device.type != "cpu":  # one asynchronous upload, as for the state
                     new = new.pin_memory().to(self.gram_tracked.device, non_blocking=True)

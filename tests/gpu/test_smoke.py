@@ -14,12 +14,12 @@ from tests.dist_utils import run_ranks
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
 
-def deferred_weights(device: str, steps: int = 6) -> np.ndarray:
-    """MultiBalance (deferred) over `steps` backward passes of random task gradients, the Gram
-    carried on its carrier's .grad (world size 1: DDP's mean is the local Gram) -> weights
-    [steps, M]. On CUDA this runs the pinned prefetch and the host step."""
+def deferred_weights(device: str, steps: int = 6, mb: MultiBalance = None) -> np.ndarray:
+    """MultiBalance (deferred; `mb`, else the default on `device`) over `steps` backward passes of
+    random task gradients, the Gram carried on its carrier's .grad (world size 1: DDP's mean is the
+    local Gram) -> weights [steps, M]. On CUDA this runs the pinned prefetch and the host step."""
     torch.manual_seed(0)
-    mb = MultiBalance(3, MultiBalanceConfig()).to(device)
+    mb = MultiBalance(3, MultiBalanceConfig()).to(device) if mb is None else mb
     mb.deferred.carried = True
     out = []
     for _ in range(steps):
@@ -64,18 +64,11 @@ def compiled_and_python_weights(device: str, steps: int = 6):
     given memory of their own, the state an accelerator's buffers have."""
     out = []
     for compiled in (True, False):
-        torch.manual_seed(0)
         mb = MultiBalance(3, MultiBalanceConfig(compiled_step=compiled)).to(device)
         if device == "cpu":
             mb._apply(lambda t: t.clone())
-        mb.deferred.carried = True
-        w = []
-        for _ in range(steps):
-            h = torch.randn(64, 16, device=device, requires_grad=True)
-            hs = mb(h)
-            (hs * torch.randn_like(hs) * torch.tensor([1.0, 3.0, 0.2], device=device)[:, None, None]).sum().backward()
-            w.append(mb.weights.cpu().numpy().copy())
-        out.append((np.stack(w), mb._hs.native is not None and mb._hs.lam is None))
+        w = deferred_weights(device, steps, mb)
+        out.append((w, mb._hs.native is not None and mb._hs.lam is None))
     (fast, ran), (slow, _) = out
     return fast, slow, ran
 

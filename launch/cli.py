@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,8 +27,8 @@ from launch.quiet import silence_benign
 
 silence_benign()  # before the imports below: fbgemm logs a known-benign warning when imported
 
-from data.errors import DataError  # noqa: E402
-from launch.config import ConfigError, load_config  # noqa: E402
+from launch.config import load_config  # noqa: E402
+from launch.failures import USER_ERRORS, FileOnly, run_rank, said_by_rank0  # noqa: E402
 from launch.jobs import launch  # noqa: E402
 from trainer.errors import RunError  # noqa: E402
 
@@ -49,6 +48,7 @@ def _setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, force=True, format=LOG_FORMAT.format(rank=rank))
     logging.root.handlers[0].setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    logging.root.handlers[0].addFilter(FileOnly())
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
     logging.captureWarnings(True)
@@ -67,7 +67,12 @@ def _log_to_file(out_dir: str) -> Path:
         raise RunError(f"trainer.out_dir {out_dir} is not writable (its log file {path}): {e}") from e
     handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank)))
     logging.root.addHandler(handler)
+    global _LOGS
+    _LOGS = path.parent
     return path.parent
+
+
+_LOGS: Optional[Path] = None  # this rank's logs/ folder, once the run's out_dir is known
 
 
 def cmd_synth(args) -> int:
@@ -77,83 +82,13 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainer.loop import train
     cfg = load_config(args.config, args.set)
     logs = _log_to_file(cfg.trainer.out_dir)
-    return run_rank(lambda: train(cfg), logs, cfg.trainer.pg_timeout_s)
 
-
-COLLECTIVE_FAILURES = ("timeout", "timed out", "pair closure", "connection reset", "connection closed",
-                       "connection refused", "nccl", "gloo")
-FAILURE_NOTE = "failed-rank{rank}.txt"  # in the run's logs/: the first line of a rank's own error
-NOTE_WAIT_S = 3.0  # how long a rank left in a failed collective looks for the failed rank's note
-# how far apart the ranks of one attempt may start (imports on a loaded machine take seconds): a
-# peer may fail, and leave its note, before this rank has started. Each rank removes its own old
-# note when it starts, so an older note is one of a rank that never started this run
-STARTUP_SKEW_S = 120.0
-
-
-def run_rank(fn, logs: Path, pg_timeout_s: float) -> int:
-    """fn() on this rank. A rank that fails on its own (bad data, a bug) leaves the first line of
-    its error in `logs` before it exits; a rank whose collective then fails (its peer is gone)
-    says which rank failed and what it said, instead of gloo's or NCCL's own words. -> exit code."""
-    rank, started = os.environ.get("RANK", "0"), time.time()
-    try:
-        (logs / FAILURE_NOTE.format(rank=rank)).unlink(missing_ok=True)  # from an earlier run or attempt
-    except OSError:
-        pass
-    try:
-        fn()
-    except RuntimeError as e:
-        if not _collective_failure(e):
-            _note_failure(logs, rank, e)
-            raise
-        first = _first_failure(logs, rank, started - STARTUP_SKEW_S)
-        if first:
-            log.error("rank %s failed: see its first error (%s): %s", first[0], logs / f"rank{first[0]}.log", first[1])
-        else:
-            log.error("a collective failed on rank %s (another rank died, was killed or froze; a frozen rank is "
-                      "detected after trainer.pg_timeout_s = %gs): %s", rank, pg_timeout_s,
-                      str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return 3
-    except Exception as e:  # noted for the other ranks, then reported as usual (see main)
-        _note_failure(logs, rank, e)
-        raise
-    return 0
-
-
-def _note_failure(logs: Path, rank: str, e: Exception) -> None:
-    text = str(e).splitlines()[0] if str(e) else ""
-    if not isinstance(e, (ConfigError, DataError, RunError, FileNotFoundError)):
-        text = f"{type(e).__name__}: {text}"
-    try:
-        (logs / FAILURE_NOTE.format(rank=rank)).write_text(text + "\n")
-    except OSError:  # the note is a courtesy to the other ranks; the error itself is what matters
-        pass
-
-
-def _first_failure(logs: Path, rank: str, since: float) -> Optional[tuple]:
-    """(rank, first line) of the earliest note another rank left in this attempt, if any."""
-    deadline = time.time() + NOTE_WAIT_S
-    while True:
-        notes = []
-        for p in logs.glob(FAILURE_NOTE.format(rank="*")):
-            other = p.name[len("failed-rank"):-len(".txt")]
-            try:
-                if other != rank and p.stat().st_mtime >= since:
-                    notes.append((p.stat().st_mtime, other, p.read_text().strip()))
-            except OSError:
-                continue
-        if notes or time.time() > deadline:
-            return min(notes)[1:] if notes else None
-        time.sleep(0.2)
-
-
-def _collective_failure(e: RuntimeError) -> bool:
-    """gloo / NCCL errors of a collective whose peer died, froze or timed out (a DistError, or,
-    from torchrec's own collectives, a RuntimeError saying so)."""
-    import torch.distributed as dist
-    return isinstance(e, dist.DistError) or any(k in str(e).lower() for k in COLLECTIVE_FAILURES)
+    def fn():
+        from trainer.loop import train  # (imported here: a restart that is not run need not load torch)
+        return train(cfg)
+    return run_rank(fn, logs, cfg.trainer.pg_timeout_s)
 
 
 def cmd_launch(args) -> int:
@@ -470,8 +405,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, RunError, FileNotFoundError) as e:
-        log.error("%s", e)  # bad config, input or state: the message names the key, file or column
+    except USER_ERRORS as e:
+        # bad config, input or state: the message's first line says what and names the key, file or
+        # column; details follow, a line each. Printed by one rank where every rank met it.
+        log.error("%s", e, extra={"file_only": said_by_rank0(_LOGS, e)})
         return 2
 
 

@@ -15,15 +15,30 @@ Each step directory also holds `digests.json`: the SHA-256 and size of every fil
 computed after the save (the ranks share the files) and checked before every load. DCP checks
 no content: a shard damaged after the save (a bit flip on disk, a partial copy between stores)
 that still decodes to finite numbers would otherwise be trained on, silently.
+
+Readers of another run's checkpoints (a warm start, predict, export) pin the one they picked
+(`ROOT/.readers/`) while they read it: that run's clean-up keeps a pinned checkpoint (a pin is
+honoured for PIN_TTL_S, so a crashed reader holds nothing for long). On a local or shared file
+system picking and pinning, and the clean-up's check and removal, hold a lock on `ROOT/.lock`,
+so that no checkpoint is removed between a reader's pick and its pin; object stores have no
+locks: there the reader checks the checkpoint again after pinning it.
+
+Every save and load is bounded by trainer.storage_timeout_s (`deadline`): a store that stops
+answering ends the rank with an error naming the store, instead of a wait that never ends.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,7 +51,9 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, Metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from trainer.errors import CheckpointError
+from data.errors import detailed
+from trainer.deadline import deadline
+from trainer.errors import CheckpointError, CheckpointWriteError
 from trainer.identity import write_atomic
 from trainer.preflight import agreed
 
@@ -45,6 +62,10 @@ LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DIGESTS = "digests.json"
 DIGEST_CHUNK = 8 * 2**20
+READERS = ".readers"  # pins of the readers of a checkpoint (another process reading it now)
+PIN_TTL_S = 6 * 3600.0  # a pin older than this is a crashed reader's, and ignored
+RETIRED = ".retired-"  # a checkpoint the clean-up is removing (no longer listed)
+STORAGE_TIMEOUT_S = 900.0  # trainer.storage_timeout_s's default, for readers without a run config
 
 
 def _is_main() -> bool:
@@ -102,8 +123,8 @@ class CheckpointDir:
     """The checkpoints of one run under `root` (a path or a URI). Checkpoints are named by
     their id: the path or URI DCP saves to and loads from."""
 
-    def __init__(self, root: str | Path, keep: int = 0):
-        self.uri, self.keep = str(root).rstrip("/"), keep
+    def __init__(self, root: str | Path, keep: int = 0, timeout_s: float = STORAGE_TIMEOUT_S):
+        self.uri, self.keep, self.timeout_s = str(root).rstrip("/"), keep, timeout_s
         self.remote = is_remote(self.uri)
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
 
@@ -159,6 +180,9 @@ class CheckpointDir:
                 if not self.is_complete(name):
                     log.warning("removing incomplete checkpoint %s", self.child(name))
                     self.fs.rm(f"{self.root}/{name}", recursive=True)
+            if not self.remote:  # what an interrupted clean-up was removing
+                for old in Path(self.root).glob(f"{RETIRED}*"):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def put(self, name: str, text: str) -> None:
         """A small file beside the checkpoints (run.json, dense_stats.json: a checkpoint directory
@@ -170,29 +194,122 @@ class CheckpointDir:
 
     def save(self, dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> str:
         ckpt = self.child(f"step-{step:09d}")
-        try:
-            # a URI selects DCP's fsspec storage, a path its file-system storage
-            dcp.save(_state(dmp, optimizer, step, position, totals), checkpoint_id=ckpt)
-        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-            full = "; the disk is full: No space left on device" if self._full() else ""
-            raise CheckpointError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): {_cause(e)}") from e
-        digests = _digests(ckpt)
-        if _is_main():  # after every rank finished its part
-            name = os.path.basename(ckpt)
-            self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}", json.dumps(digests, indent=1, sort_keys=True).encode())
-            if self.remote:  # one PUT: readers see the old object or the new one
-                self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
-            else:
-                write_atomic(Path(self.root) / LATEST, name)
-            self._retain()
+        with deadline("writing checkpoint", ckpt, self.timeout_s):
+            try:
+                # a URI selects DCP's fsspec storage, a path its file-system storage
+                dcp.save(_state(dmp, optimizer, step, position, totals), checkpoint_id=ckpt)
+            except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
+                full = "; the disk is full: No space left on device" if self._full() else ""
+                raise CheckpointWriteError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): "
+                                           f"{_cause(e)}") from e
+            digests = _digests(ckpt)
+            if _is_main():  # after every rank finished its part
+                name = os.path.basename(ckpt)
+                self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}",
+                                  json.dumps(digests, indent=1, sort_keys=True).encode())
+                if self.remote:  # one PUT: readers see the old object or the new one
+                    self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
+                else:
+                    write_atomic(Path(self.root) / LATEST, name)
+                self._retain()
         _barrier()
         log.info("saved checkpoint %s", ckpt)
         return ckpt
 
+    @contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        """Held while a reader picks and pins (shared) and while the clean-up removes (exclusive);
+        object stores have none (see the module's docstring)."""
+        if self.remote:
+            yield
+            return
+        try:
+            f = open(Path(self.root) / ".lock", "a")
+        except OSError:  # a read-only copy of a run: nothing there removes checkpoints
+            yield
+            return
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _pinned(self) -> set:
+        """Names of the checkpoints a reader holds a live pin on."""
+        self.fs.invalidate_cache()
+        try:
+            pins = self.fs.ls(f"{self.root}/{READERS}", detail=False)
+        except FileNotFoundError:
+            return set()
+        live = set()
+        for p in pins:
+            try:
+                pin = json.loads(self.fs.cat_file(p))
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or being written (its reader checks again after writing)
+            if time.time() - float(pin.get("time", 0)) < PIN_TTL_S:
+                live.add(pin.get("checkpoint"))
+        return live
+
     def _retain(self) -> None:
-        done = [n for n in self._names() if self.is_complete(n)]
-        for old in done[:-self.keep] if self.keep else []:
-            self.fs.rm(f"{self.root}/{old}", recursive=True)
+        retired = []
+        with self._lock(exclusive=True):
+            done = [n for n in self._names() if self.is_complete(n)]
+            pinned = self._pinned()
+            for old in done[:-self.keep] if self.keep else []:
+                if old in pinned:
+                    log.info("keeping checkpoint %s beyond trainer.keep_checkpoints: a reader has it pinned",
+                             self.child(old))
+                elif self.remote:
+                    self.fs.rm(f"{self.root}/{old}", recursive=True)
+                else:  # out of every listing at once, removed after the lock is let go
+                    os.replace(Path(self.root) / old, Path(self.root) / f"{RETIRED}{old}")
+                    retired.append(Path(self.root) / f"{RETIRED}{old}")
+        for path in retired:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextmanager
+    def reading(self, name: Optional[str] = None) -> Iterator[str]:
+        """The checkpoint `name` (None: the one `latest()` picks), pinned against the clean-up of
+        the run that writes here until the block ends. CheckpointError if there is none (or it is
+        gone, or incomplete)."""
+        for _ in range(5):  # (object stores: a pick removed before its pin was seen is picked again)
+            with self._lock(exclusive=False):
+                ckpt = self.child(name) if name else self.latest()
+                if ckpt is None:
+                    raise CheckpointError(f"{self.uri}: no complete checkpoint there")
+                pin = self._pin(os.path.basename(ckpt))
+            if self.is_complete(os.path.basename(ckpt)):
+                break
+            self._unpin(pin)
+            if name:
+                raise CheckpointError(f"checkpoint {ckpt} is incomplete or was removed (no .metadata)")
+        else:
+            raise CheckpointError(f"{self.uri}: its checkpoints were removed as fast as they were picked")
+        try:
+            yield ckpt
+        finally:
+            self._unpin(pin)
+
+    def _pin(self, name: str) -> str:
+        path = f"{self.root}/{READERS}/{name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        if not self.remote:
+            self.fs.makedirs(f"{self.root}/{READERS}", exist_ok=True)
+        body = {"checkpoint": name, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        try:
+            self.fs.pipe_file(path, json.dumps(body).encode())
+        except (OSError, ValueError) as e:  # a read-only copy of a run: nobody cleans it up either
+            log.debug("cannot pin %s (%s): reading it unpinned", name, e)
+            return ""
+        return path
+
+    def _unpin(self, path: str) -> None:
+        if path:
+            try:
+                self.fs.rm(path)
+            except (OSError, FileNotFoundError):
+                pass
 
     def _full(self) -> bool:
         """After a failed save: the local disk is (nearly) full, whatever torch's writer said (its
@@ -243,7 +360,8 @@ def read_metadata(path: str) -> Dict[str, object]:
     process alone reads it (no collective)."""
     peek = _Peek()
     try:
-        dcp.load({}, checkpoint_id=str(path), planner=peek, no_dist=True)
+        with deadline("reading checkpoint", str(path), STORAGE_TIMEOUT_S):
+            dcp.load({}, checkpoint_id=str(path), planner=peek, no_dist=True)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
     return dict(peek.metadata.state_dict_metadata)
@@ -253,7 +371,8 @@ def read_progress(path: str) -> Tuple[int, Optional[str]]:
     """(step, data position as JSON or None) of a checkpoint, read by this process alone."""
     state = {"progress": _progress(read_metadata(path))}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        with deadline("reading checkpoint", str(path), STORAGE_TIMEOUT_S):
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
     return int(state["progress"]["step"]), _decode(state["progress"].get("position"))
@@ -328,10 +447,15 @@ class Loaded:
     totals: Optional[torch.Tensor] = None  # reader counters and seconds up to the step (see _state)
 
 
-def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS) -> Loaded:
+def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS, timeout_s: float = STORAGE_TIMEOUT_S) -> Loaded:
     """Loads `parts` of a checkpoint in place (DCP reshards to this world and plan), after
     checking that they fit this model (every key there, same global shapes) and, after
-    loading, that every loaded tensor is finite (agreed across ranks)."""
+    loading, that every loaded tensor is finite (agreed across ranks); bounded by `timeout_s`."""
+    with deadline("reading checkpoint", path, timeout_s):
+        return _load(path, dmp, optimizer, parts)
+
+
+def _load(path: str, dmp, optimizer, parts: Sequence[str]) -> Loaded:
     agreed(lambda: verify(path))  # every rank computes the same verdict from the same files
     meta = read_metadata(path)
     if "optim" in parts:
@@ -407,8 +531,8 @@ def check_fits(path: str, meta: Dict[str, object], chosen: Dict[str, object], pa
             problems.append(f"{key}: {list(meta[key].size)} in the checkpoint, {want} here")
     problems += [f"{key} only in the checkpoint" for key in meta if part_of(key) in parts and key not in everywhere]
     if problems:
-        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({', '.join(parts)}): {shown}")
+        raise CheckpointError(detailed(f"checkpoint {path} does not fit this model ({', '.join(parts)}; "
+                                       f"{len(problems)} problem(s) below)", problems))
 
 
 def _local(t) -> List[torch.Tensor]:
@@ -429,8 +553,8 @@ def check_finite(path: str, loaded: dict) -> None:
         if n:
             bad.append(f"{key} ({n} non-finite value(s))")
     if bad:
-        raise CheckpointError(f"checkpoint {path} holds non-finite values: {'; '.join(bad[:20])}"
-                              f"{f'; ... {len(bad) - 20} more' if len(bad) > 20 else ''}; not training from it")
+        raise CheckpointError(detailed(f"checkpoint {path} holds non-finite values in {len(bad)} tensor(s) "
+                                       f"(below): not training from it", bad))
 
 
 def _cause(e: BaseException) -> str:

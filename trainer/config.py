@@ -51,6 +51,9 @@ class TrainerConfig:
     # (the keys that fix the data position can never change: see trainer.identity)
     allow_config_change: bool = False
     pg_timeout_s: float = 600.0  # a collective that waits longer (a dead or frozen rank) fails
+    # a checkpoint save or load that takes longer (a store that stopped answering) ends the rank
+    # with an error naming the store; size it for the largest checkpoint's transfer (0: no bound)
+    storage_timeout_s: float = 900.0
     check_every: int = 0  # steps between non-finite checks (0: at log steps and checkpoints)
     device: str = "auto"  # auto (GPU if visible) | cpu | cuda; local rank i uses visible GPU i
     # warm start: a new run (new out_dir, new data) from a parent run directory or checkpoint (path
@@ -80,5 +83,7 @@ class TrainerConfig:
                              f"got {self.init_parts}")
         if self.partial_units not in PARTIAL_UNITS:
             raise ValueError(f"trainer.partial_units must be one of {PARTIAL_UNITS}, got {self.partial_units!r}")
+        if self.storage_timeout_s < 0:
+            raise ValueError(f"trainer.storage_timeout_s must be >= 0 (0: no bound), got {self.storage_timeout_s}")
         if not self.pg_timeout_s > 0:
             raise ValueError(f"trainer.pg_timeout_s must be > 0, got {self.pg_timeout_s}")

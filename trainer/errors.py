@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class RunError(RuntimeError):
-    """A run that cannot start, or cannot go on, without a wrong result."""
+    """A run that cannot start, or cannot go on, without a wrong result. Not `restartable`: it
+    fails every attempt alike (a restart of the job ends at once, see launch.failures)."""
+    restartable = False
 
 
 class NonFiniteError(RunError):
@@ -17,3 +19,9 @@ class CheckpointError(RunError):
 
 class AlreadyFinished(RunError):
     """The run in out_dir is finished (summary.json and its last checkpoint are there)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save that failed in the store (a full disk, a failing or unreachable object store): a
+    fault that a restart, resuming from the newest complete checkpoint, may mend."""
+    restartable = True

@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List
 
@@ -94,12 +95,14 @@ def export(source: str, out: str, dtype: str = "int8") -> Dict:
     if dtype not in DTYPES:
         raise RunError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()
-    ckpt, record, stats = start.trained_run(source, "export")
-    sections = config_of(record)
-    dcfg, mcfg = from_dict(DataConfig, sections["data"]), from_dict(ModelConfig, sections["model"])
-    model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("cpu"),
-                                   mcfg.embedding_precision), len(dcfg.dense), len(dcfg.tasks), mcfg, torch.device("cpu"))
-    _load(ckpt, model)
+    with ExitStack() as hold:  # the checkpoint pinned against its run's clean-up while it is read
+        ckpt, record, stats = start.trained_run(source, "export", hold=hold)
+        sections = config_of(record)
+        dcfg, mcfg = from_dict(DataConfig, sections["data"]), from_dict(ModelConfig, sections["model"])
+        model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("cpu"),
+                                       mcfg.embedding_precision), len(dcfg.dense), len(dcfg.tasks), mcfg,
+                             torch.device("cpu"))
+        _load(ckpt, model)
     served = Served(model, [f.name for f in dcfg.sparse], stats, [t.kind == "regression" for t in dcfg.tasks]).eval()
     scripted = _script(served, DTYPES[dtype])
     folder = _prepare_out(out)

@@ -18,8 +18,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
+from data.errors import detailed
 from trainer.errors import RunError
 
 RUN_FILE = "run.json"
@@ -29,7 +30,7 @@ RECORDS = ("parent", "architecture", "checkpoints", "embedding_order", "dense_st
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
-        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.check_every", "trainer.device",
+        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.storage_timeout_s", "trainer.check_every", "trainer.device",
         "trainer.partial_units", "data.unlabelled", "data.eval_group",
         "model.head_bias_init")  # (read at a fresh start only: a resumed model's biases are its checkpoint's)
 # keys added after run.json files were first written: a record without one was trained with this value
@@ -125,22 +126,33 @@ def changed_keys(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(old) | set(new) if k not in RECORDS and norm(old.get(k)) != norm(new.get(k)))
 
 
-def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool) -> Dict[str, Any]:
+def check_resume(out_dir: Path, ident: Dict[str, Any], allow_change: bool,
+                 arch: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Raises RunError if the checkpoints in out_dir were trained under another identity or on
-    other training files; returns the saved run.json (a change of split keys is allowed)."""
+    other training files (or, `arch` given, are another model's); returns the saved run.json (a
+    change of split keys is allowed)."""
     path = out_dir / RUN_FILE
     if not path.is_file():
         raise RunError(f"{out_dir} has checkpoints but no {RUN_FILE}: cannot tell what they were trained "
                        f"with; use a new trainer.out_dir (or trainer.resume = false after moving them away)")
     old = {**{k: v for k, v in ADDED.items() if k in ident}, **json.loads(path.read_text())}
     changed = changed_keys(old, ident)
-    detail = "; ".join(f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in changed)
-    data = [k for k in changed if k in DATA_KEYS]
-    if data:
-        raise RunError(f"cannot resume {out_dir} on other training files ({detail}); to train this model on "
-                       f"new data, start a new trainer.out_dir with trainer.init_from = \"{out_dir}\"")
+    details = [f"{k}: {_brief(old.get(k))} -> {_brief(ident.get(k))}" for k in changed]
+    other_model = architecture_changes(old["architecture"], arch) if arch and "architecture" in old else []
+    if other_model:  # another model altogether: neither a resume nor a warm start can use it
+        raise RunError(detailed(f"{out_dir} holds the checkpoints of another model ({len(other_model)} "
+                                f"difference(s) below): give this run a trainer.out_dir of its own", other_model))
+    if any(k in DATA_KEYS for k in changed):
+        raise RunError(detailed(f"cannot resume {out_dir} on other training files: to train this model on new "
+                                f"data, start a new trainer.out_dir with trainer.init_from = \"{out_dir}\"", details))
     other = [k for k in changed if k not in SPLIT_KEYS]
     if other and not allow_change:
-        raise RunError(f"cannot resume {out_dir} under a different config ({detail}); use a new "
-                       f"trainer.out_dir, or set trainer.allow_config_change = true to continue anyway")
+        raise RunError(detailed(f"cannot resume {out_dir} under a different config: use a new trainer.out_dir, or "
+                                f"set trainer.allow_config_change = true to continue anyway", details))
     return old
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    """A value in a message line: its repr, shortened in the middle beyond `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"

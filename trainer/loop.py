@@ -144,17 +144,19 @@ def _prepare(cfg, env) -> Run:
     """Checks (agreed across ranks) -> where the run starts from -> data sources -> model, DMP,
     pipeline -> the start (checked against this run) -> the checkpoint's parts loaded."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
-    ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints)
+    ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints, tcfg.storage_timeout_s)
     origin = on_main(lambda: start.find_origin(cfg, out, ckpts))
     train_src, eval_src = _sources(cfg, env, origin.transforms)
     agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
-    bias = head_bias(cfg.model.head_bias_init, train_src.base_rates, cfg.data.tasks)
-    if bias is not None:  # a resume or warm start then loads the checkpoint's biases over it
-        module.model.heads.set_output_bias(bias)
-    if env.is_main:
-        _log_head_bias(cfg, train_src.base_rates, bias)
+    if origin.checkpoint is None or "model" not in origin.parts:
+        # a resume or a warm start of the model loads its checkpoint's biases: nothing to set or say here
+        bias = head_bias(cfg.model.head_bias_init, train_src.base_rates, cfg.data.tasks)
+        if bias is not None:
+            module.model.heads.set_output_bias(bias)
+        if env.is_main:
+            _log_head_bias(cfg, train_src.base_rates, bias)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
     begin = agreed(lambda: start.plan(cfg, origin, ident, train_src, out, ckpts))
@@ -166,7 +168,9 @@ def _prepare(cfg, env) -> Run:
         ckpts.put(STATS_FILE, stats)
     carried = torch.zeros(len(COUNTERS) + 1, dtype=torch.float64)
     if origin.checkpoint is not None:
-        loaded = checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts)
+        loaded = checkpoint.load(origin.checkpoint, dmp, optimizer, origin.parts, tcfg.storage_timeout_s)
+        if env.is_main:
+            origin.release()  # (a parent's checkpoint, pinned since it was picked: every rank has read it)
         if origin.kind == "resume" and loaded.totals is not None:
             carried = loaded.totals
         log.info("%s %s", "resumed from" if origin.kind == "resume" else "warm start from", origin.checkpoint)

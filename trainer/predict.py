@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import ExitStack
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from data.errors import DataError
+from data.errors import DataError, detailed
 from data.footers import read_footers
 from data.position import assign_units
 from data.reader import DataSource
@@ -52,7 +53,8 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     t0 = time.perf_counter()
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
-    ckpt, record, stats = on_main(lambda: _trained(cfg, source))
+    hold = ExitStack()  # rank 0's pin of the checkpoint, until every rank has loaded it
+    ckpt, record, stats = on_main(lambda: _trained(cfg, source, hold))
     dcfg, footers = on_main(lambda: _scoring_data(cfg, record, list(data), list(keep)))
     agreed(lambda: _check_out(out, env.rank, env.is_main))
     src = DataSource(dcfg.train, dcfg, env.rank, env.world_size, env.device.type == "cuda", footers,
@@ -61,7 +63,8 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     module = build_train_module(dcfg, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
-    step = checkpoint.load(ckpt, dmp, optimizer, parts=("model", "balancer")).step
+    step = checkpoint.load(ckpt, dmp, optimizer, parts=("model", "balancer"), timeout_s=cfg.trainer.storage_timeout_s).step
+    hold.close()
     t_score = time.perf_counter()
     preds = _predictions(pipeline, dmp, src)  # [rows of this rank, M]
     t_score = time.perf_counter() - t_score
@@ -77,14 +80,15 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     return summary
 
 
-def _trained(cfg, source: str) -> Tuple[str, dict, dict]:
-    """(checkpoint, its run.json, its dense transforms), checked against cfg's architecture."""
-    ckpt, record, stats = start.trained_run(source, "--from")
+def _trained(cfg, source: str, hold: ExitStack) -> Tuple[str, dict, dict]:
+    """(checkpoint, its run.json, its dense transforms), checked against cfg's architecture; the
+    checkpoint pinned in `hold`."""
+    ckpt, record, stats = start.trained_run(source, "--from", hold=hold)
     if "architecture" in record:
         changes = identity.architecture_changes(record["architecture"], identity.architecture(cfg))
         if changes:
-            raise RunError(f"--from {source!r}: checkpoint {ckpt} was trained with another model than this "
-                           f"config: {'; '.join(changes)}")
+            raise RunError(detailed(f"--from {source!r}: checkpoint {ckpt} was trained with another model than "
+                                    f"this config ({len(changes)} difference(s) below)", changes))
     return ckpt, record, stats
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -29,10 +31,11 @@ from typing import Dict, Iterator, List, Optional
 import fsspec
 
 from data.batch import Batch
+from data.errors import detailed
 from data.position import Split, consumed
 from data.reader import DataSource, batches_per_rank
 from trainer import checkpoint, identity
-from trainer.checkpoint import CheckpointDir
+from trainer.checkpoint import CheckpointDir, is_remote
 from trainer.errors import AlreadyFinished, RunError
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,15 @@ class Origin:
     parts: List[str] = field(default_factory=lambda: list(checkpoint.PARTS))
     transforms: Optional[dict] = None  # the dense transforms to reuse (None: fit them)
     record: Optional[dict] = None  # the parent's run.json
+    hold: Optional[ExitStack] = None  # the parent's checkpoint pinned against its run's clean-up
+
+    def release(self) -> None:
+        """After every rank has read the parent's checkpoint."""
+        if self.hold is not None:
+            self.hold.close()
+
+    def __getstate__(self) -> dict:  # (broadcast to the other ranks: the pin stays with rank 0)
+        return {**self.__dict__, "hold": None}
 
 
 def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
@@ -126,15 +138,21 @@ def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
         return Origin("resume", latest, transforms=json.loads(saved.read_text()) if saved.is_file() else None)
     if not tcfg.init_from:
         return Origin("fresh")
-    ckpt, record, stats = trained_run(tcfg.init_from, "trainer.init_from =", not tcfg.refit_transforms)
-    return Origin("parent", ckpt, list(tcfg.init_parts), stats, record)
+    hold = ExitStack()
+    try:
+        ckpt, record, stats = trained_run(tcfg.init_from, "trainer.init_from =", not tcfg.refit_transforms, hold)
+    except BaseException:
+        hold.close()
+        raise
+    return Origin("parent", ckpt, list(tcfg.init_parts), stats, record, hold)
 
 
-def trained_run(source: str, what: str, with_stats: bool = True) -> tuple:
+def trained_run(source: str, what: str, with_stats: bool = True, hold: Optional[ExitStack] = None) -> tuple:
     """(checkpoint, its run's run.json, its dense transforms or None) of a run directory,
     checkpoint directory or step-N checkpoint (`source`, named as `what` in errors), checked:
-    an embedding layout this release reads, and the very statistics the run trained with."""
-    ckpt, home = resolve_parent(source, what)
+    an embedding layout this release reads, and the very statistics the run trained with. With
+    `hold`, the checkpoint stays pinned against its run's clean-up until `hold` is closed."""
+    ckpt, home = resolve_parent(source, what, hold)
     record = read_json(home, identity.RUN_FILE, f"{what} {source!r}: no {identity.RUN_FILE} beside checkpoint "
                        f"{ckpt}: cannot tell what trained it")
     check_layout(record, ckpt)
@@ -146,25 +164,44 @@ def trained_run(source: str, what: str, with_stats: bool = True) -> tuple:
     return ckpt, record, stats
 
 
-def resolve_parent(uri: str, what: str = "trainer.init_from =") -> tuple:
-    """(checkpoint, the directories that may hold its run.json) of trainer.init_from: one step-N
-    checkpoint, a checkpoint directory (its newest), or a run directory (its checkpoints, where
-    its run.json says they are, else RUN/checkpoints)."""
+def resolve_parent(uri: str, what: str = "trainer.init_from =", hold: Optional[ExitStack] = None) -> tuple:
+    """(checkpoint, the directories that may hold its run.json) of `uri`: one step-N checkpoint,
+    a checkpoint directory (its newest), or a run directory. A run directory's checkpoints are its
+    own `checkpoints/` (so that a copy or a move of it reads its own files, never the original's);
+    only a run whose checkpoints live elsewhere by choice (trainer.checkpoint_dir: object storage,
+    another disk) is read where its run.json says. The checkpoint is pinned in `hold` (or, without
+    one, only while it is picked)."""
     uri = uri.rstrip("/")
     fs, root = fsspec.core.url_to_fs(uri)
+    hold = hold if hold is not None else ExitStack()
     if fs.isfile(f"{root}/.metadata"):
         parent = posixpath.dirname(uri)
-        return uri, [parent, posixpath.dirname(parent)]
-    ckpt = CheckpointDir(uri).latest()
-    if ckpt is not None:
-        return ckpt, [uri, posixpath.dirname(uri)]
+        ckpt = hold.enter_context(CheckpointDir(parent).reading(posixpath.basename(uri)))
+        return ckpt, [parent, posixpath.dirname(parent)]
+    for where, homes in ((uri, [uri, posixpath.dirname(uri)]), (f"{uri}/checkpoints", [uri])):
+        if CheckpointDir(where).latest() is not None:
+            ckpt = hold.enter_context(CheckpointDir(where).reading())
+            return ckpt, [*homes, posixpath.dirname(ckpt)]
     record = read_json([uri], identity.RUN_FILE, None) or {}
-    ckpt = CheckpointDir(record.get("checkpoints") or f"{uri}/checkpoints").latest()
-    if ckpt is None:
-        raise RunError(f"{what} {uri!r}: no checkpoint there (expected a run directory with "
-                       f"checkpoints, a checkpoint directory with a complete step-N checkpoint, or a step-N "
-                       f"checkpoint itself)")
-    return ckpt, [uri, posixpath.dirname(ckpt), posixpath.dirname(posixpath.dirname(ckpt))]
+    elsewhere = record.get("checkpoints") or ""
+    if elsewhere and not _default_of_another(elsewhere, uri) and CheckpointDir(elsewhere).latest() is not None:
+        log.info("%s %s: its checkpoints are at %s (trainer.checkpoint_dir)", what, uri, elsewhere)
+        ckpt = hold.enter_context(CheckpointDir(elsewhere).reading())
+        return ckpt, [uri, posixpath.dirname(ckpt)]
+    moved = (f"; its {identity.RUN_FILE} names {elsewhere}, another run directory's checkpoints: this one is a copy "
+             f"or a move of that run whose own checkpoints/ holds no complete checkpoint, and is not read in its "
+             f"place" if elsewhere and _default_of_another(elsewhere, uri) else "")
+    raise RunError(f"{what} {uri!r}: no complete checkpoint there (expected a run directory with checkpoints/, a "
+                   f"checkpoint directory with a complete step-N checkpoint, or a step-N checkpoint itself){moved}")
+
+
+def _default_of_another(ckpts: str, run_dir: str) -> bool:
+    """Whether `ckpts` is the default checkpoint folder (DIR/checkpoints) of a directory other than
+    `run_dir`: what a copied or moved run.json names."""
+    if is_remote(ckpts) or posixpath.basename(ckpts.rstrip("/")) != "checkpoints":
+        return False
+    owner = posixpath.dirname(ckpts.rstrip("/"))
+    return is_remote(run_dir) or os.path.realpath(owner) != os.path.realpath(run_dir)
 
 
 def read_json(dirs: List[str], name: str, missing: Optional[str]) -> Optional[dict]:
@@ -202,7 +239,7 @@ def plan(cfg, origin: Origin, ident: dict, src: DataSource, out: Path, ckpts: Ch
                             "parts": origin.parts, "transforms": "refit" if origin.transforms is None else "parent"}
         summary["parent_step"] = step
         return _begin(cfg, 0, Position(), src, record, summary)
-    old = identity.check_resume(out, ident, cfg.trainer.allow_config_change)
+    old = identity.check_resume(out, ident, cfg.trainer.allow_config_change, record["architecture"])
     check_layout(old, origin.checkpoint)
     if origin.transforms is not None:
         check_stats(old, origin.transforms, origin.checkpoint)
@@ -259,8 +296,9 @@ def _check_parent(cfg, origin: Origin, record: dict) -> None:
                 problems.append(f"{key}: {parent[key]!r} in the parent, {record.get(key)!r} here (a warm start "
                                 f"without its state: trainer.init_parts without {part!r})")
     if problems:
-        raise RunError(f"trainer.init_from = {cfg.trainer.init_from!r}: the parent ({origin.checkpoint}) "
-                       f"does not fit this config: {'; '.join(problems)}")
+        raise RunError(detailed(f"trainer.init_from = {cfg.trainer.init_from!r}: the parent does not fit this "
+                                f"config ({len(problems)} difference(s) below; its checkpoint: "
+                                f"{origin.checkpoint})", problems))
 
 
 def _resume_position(step: int, saved: Optional[str], old: dict, src: DataSource, rule: str):

@@ -77,7 +77,7 @@ def _scenarios(tiny_synth, tmp: Path):
         "changed": (["optim.sparse='sgd'", "trainer.max_steps=12", "optim.dense_lr=0.01"],
                     ("RunError", "optim.dense_lr: 0.003 -> 0.01")),
         "files_changed": (["optim.sparse='sgd'", "trainer.max_steps=16", f"data.train=['{other}']"],
-                          ("RunError", "on other training files (data.train: ")),
+                          ("RunError", "on other training files: ")),
         "finished": (["optim.sparse='sgd'", "trainer.max_steps=12"], ("AlreadyFinished", "holds a finished run")),
         # a restart after the final checkpoint but before summary.json: eval and summary, no step
         "completes": (["optim.sparse='sgd'", "trainer.max_steps=12"], None),

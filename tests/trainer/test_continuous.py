@@ -236,7 +236,7 @@ def test_warm_start_records_its_parent_and_trains_from_step_0(scenarios):
     ("rows", r"table 'user_id': rows 2000 in the parent, 4000 here"),
     ("tasks", r"task 'conv' only in the parent"),
     ("optim", r"optim.dense: 'adam' in the parent, 'sgd' here .*init_parts without 'optim'"),
-    ("bad_parent", r"trainer.init_from = '/nonexistent/run': no checkpoint there"),
+    ("bad_parent", r"trainer.init_from = '/nonexistent/run': no complete checkpoint there"),
     ("nonfinite", r"holds non-finite values in 1 tensor\(s\) \(below\): not training from it\n  - optim.state.model.ebc.embedding_bags.t_user_id.weight.t_user_id"
                   r".momentum1 \(1 non-finite value"),
     ("flipped", r"flipped/step-000000012: file __1_0.distcp differs from what the save wrote \(\d+ bytes, sha256"),

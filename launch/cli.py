@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
 
 def cmd_launch(args) -> int:
     extra = (["--gpu", str(args.gpu)] if args.gpu else []) + ["--max_restarts", str(args.max_restarts)]
-    return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args, extra)
+    return launch(args.config, args.set, args.scheduler, args.j, args.scheduler_args, extra, port=args.port)
 
 
 def cmd_predict(args) -> int:
@@ -101,7 +101,8 @@ def cmd_predict(args) -> int:
     if args.j:
         extra = ["--source", args.source, "--out", args.out, "--data", ",".join(args.data),
                  "--keep", ",".join(args.keep), "--gpu", str(args.gpu)]
-        return launch(args.config, args.set, args.scheduler, args.j, None, extra, component_fn="predict")
+        return launch(args.config, args.set, args.scheduler, args.j, None, extra, component_fn="predict",
+                      port=args.port)
     from trainer.predict import predict
     cfg = load_config(args.config, args.set)
     predict(cfg, args.source, args.data, args.out, args.keep)
@@ -117,7 +118,7 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     from launch.demo import run_demo
-    return run_demo(args.config, args.set, args.j)
+    return run_demo(args.config, args.set, args.j, port=args.port)
 
 
 def cmd_compare(args) -> int:
@@ -138,7 +139,7 @@ def cmd_compare(args) -> int:
     plan_file = out / "plan.json"
     plan_file.write_text(json.dumps(entries, indent=1))
     from launch.demo import default_j
-    rc = launch(args.config, [], args.scheduler, args.j or default_j(), component_fn="compare",
+    rc = launch(args.config, [], args.scheduler, args.j or default_j(), component_fn="compare", port=args.port,
                 extra=["--plan", str(plan_file)])
     if rc != 0:
         log.error("the compare job failed (exit status %d); no report written", rc)
@@ -182,7 +183,7 @@ def set_tokens(overrides: List[str]) -> List[str]:
 
 def cmd_bench(args) -> int:
     """Launches `bench-worker` on -j NxP ranks through torchx; the table is printed by rank 0."""
-    rc = launch(args.config, args.set, args.scheduler, args.j, component_fn="bench",
+    rc = launch(args.config, args.set, args.scheduler, args.j, component_fn="bench", port=args.port,
                 extra=["--gpu", str(args.gpu), "--"] + _bench_args(args) + set_tokens(args.set),
                 pass_overrides=False)
     if rc == 0 and Path(args.out).is_file():
@@ -317,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add_launcher(sp, j: Optional[str] = "1x2") -> None:
         sp.add_argument("-s", "--scheduler", default="local_cwd", help="torchx scheduler")
         sp.add_argument("-j", default=j, help="NNODESxNPROC_PER_NODE" + ("" if j else " (default: 1x2, or 1xGPUs up to 2)"))
+        add_port(sp)
+
+    def add_port(sp) -> None:
+        sp.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free port on a single node, "
+                        "29500 on the first node across nodes)")
 
     add("synth", cmd_synth)
     add("train", cmd_train)
@@ -335,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-s", "--scheduler", default="local_cwd", help="torchx scheduler (with -j)")
     sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE through torchx (default: this process)")
     sp.add_argument("--gpu", type=int, default=0, help="GPUs per node (with -j)")
+    add_port(sp)
     sp = sub.add_parser("export", help="a TorchScript serving artifact of a trained checkpoint",
                         formatter_class=_Help)
     sp.add_argument("source", help="a run directory, checkpoint directory or step-N checkpoint (path or URI)")
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export)
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE (default: 1x2, or 1xGPUs up to 2)")
+    add_port(sp)
     sp = add("compare", cmd_compare, config_required=False)
     add_launcher(sp, j=None)
     sp.add_argument("--methods", default="", help="comma-separated (default: all)")

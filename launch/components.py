@@ -10,9 +10,13 @@ Trailing arguments (after `--`) are config overrides, `section.key=value`.
 
 from typing import Dict, Optional, Tuple
 
-import torchx
-from torchx import specs
-from torchx.components import dist
+from launch.quiet import silence_benign
+
+silence_benign()  # torchx imports this file; fbgemm, imported below it, logs every library it loads
+
+import torchx  # noqa: E402
+from torchx import specs  # noqa: E402
+from torchx.components import dist  # noqa: E402
 
 
 def train(
@@ -28,7 +32,7 @@ def train(
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
     max_restarts: int = 2,
-    rdzv_port: int = 29500,
+    rdzv_port: int = 0,
 ) -> specs.AppDef:
     """Trains the multi-task model described by `config`.
 
@@ -46,14 +50,14 @@ def train(
         max_retries: retries of the whole job by the scheduler (Slurm, Kubernetes; local_cwd has none)
         max_restarts: restarts of the worker group by torchrun after a rank fails (any scheduler,
             local_cwd included); each restart resumes from the newest complete checkpoint
-        rdzv_port: rendezvous port on the first node
+        rdzv_port: rendezvous port on the first node (0: a free port on a single node, 29500 across nodes)
     """
     args = ["train", config] + [a for o in overrides for a in ("--set", o)]
     cpu, memMB = node_resources(j, _workers(config, overrides), cpu, memMB)
     app = dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu,
                    memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
-                   max_retries=max_retries, rdzv_port=rdzv_port)
-    return with_restarts(app, max_restarts)
+                   max_retries=max_retries, rdzv_port=rdzv_port or DEFAULT_RDZV_PORT)
+    return with_agent(app, max_restarts, rdzv_port)
 
 
 def predict(
@@ -69,7 +73,7 @@ def predict(
     h: Optional[str] = None,
     gpu: int = 0,
     env: Optional[Dict[str, str]] = None,
-    rdzv_port: int = 29500,
+    rdzv_port: int = 0,
 ) -> specs.AppDef:
     """Scores Parquet rows with a trained checkpoint (`mbrec predict` on every rank).
 
@@ -86,16 +90,18 @@ def predict(
         h: named resource
         gpu: GPUs per replica
         env: extra environment variables
-        rdzv_port: rendezvous port on the first node
+        rdzv_port: rendezvous port on the first node (0: a free port on a single node, 29500 across nodes)
     """
     args = ["predict", config, "--from", source, "--out", out, "--data", *data.split(",")]
     args += ["--keep", *keep.split(",")] if keep else []
     args += [a for o in overrides for a in ("--set", o)]
     cpu, memMB = node_resources(j, _workers(config, overrides))
-    return dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
-                    env={"PYTHONUNBUFFERED": "1", **(env or {})}, rdzv_port=rdzv_port)
+    return with_agent(dist.ddp(*args, m="launch.cli", image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB,
+                               j=j, env={"PYTHONUNBUFFERED": "1", **(env or {})},
+                               rdzv_port=rdzv_port or DEFAULT_RDZV_PORT), port=rdzv_port)
 
 
+DEFAULT_RDZV_PORT = 29500  # torchx's, for a job across nodes
 RANK_CPUS, RANK_MEM_MB = 1, 8192  # per rank process
 WORKER_CPUS, WORKER_MEM_MB = 1, 2048  # per DataLoader worker process of a rank
 
@@ -120,14 +126,21 @@ def _workers(config: str, overrides) -> int:
         return DataConfig().num_workers
 
 
-def with_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
-    """Adds torchrun's `--max_restarts` to the launch command that dist.ddp builds (it has no
-    parameter for it): the agent restarts every rank of the node when one fails."""
+def with_agent(app: specs.AppDef, max_restarts: int = 0, port: int = 0) -> specs.AppDef:
+    """The launch command that dist.ddp builds, run by launch.agent (torchrun, with a failure said
+    in one line), with torchrun's `--max_restarts` (the agent restarts every rank of the node when
+    one fails; dist.ddp has no parameter for it) and, for a single node, the rendezvous on `port`
+    (dist.ddp binds localhost:0, a free port; a multi-node job takes rdzv_port)."""
     for role in app.roles:
-        role.args = [a.replace("torchrun ", f"torchrun --max_restarts {max_restarts} ", 1)
-                     if isinstance(a, str) and a.startswith("torchrun ") else a for a in role.args]
-        if not any("--max_restarts" in str(a) for a in role.args):
+        args = []
+        for a in role.args:
+            if isinstance(a, str) and a.startswith("torchrun "):
+                a = a.replace("torchrun ", f"python -m launch.agent --max_restarts {max_restarts} ", 1)
+                a = a.replace("--rdzv_endpoint localhost:0 ", f"--rdzv_endpoint localhost:{port} ", 1) if port else a
+            args.append(a)
+        if not any("--max_restarts" in str(a) for a in args):
             raise ValueError(f"cannot set torchrun's --max_restarts in {role.args}")
+        role.args = args
     return app
 
 
@@ -141,7 +154,7 @@ def compare(
     cpu: int = 0,
     gpu: int = 0,
     memMB: int = 0,
-    rdzv_port: int = 29500,
+    rdzv_port: int = 0,
 ) -> specs.AppDef:
     """Runs the planned runs of `mbrec compare` one after another in one job.
 
@@ -155,12 +168,12 @@ def compare(
         cpu: CPUs per replica (a node); 0: sized from the ranks and reader workers (node_resources)
         gpu: GPUs per replica
         memMB: memory per replica in MB; 0: sized from the ranks and reader workers
-        rdzv_port: rendezvous port on the first node
+        rdzv_port: rendezvous port on the first node (0: a free port on a single node, 29500 across nodes)
     """
     cpu, memMB = node_resources(j, _workers(config, ()), cpu, memMB)
-    return dist.ddp("compare-worker", config, "--plan", plan, m="launch.cli", image=image, name=name,
-                    h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
-                    rdzv_port=rdzv_port)
+    return with_agent(dist.ddp("compare-worker", config, "--plan", plan, m="launch.cli", image=image, name=name,
+                               h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
+                               rdzv_port=rdzv_port or DEFAULT_RDZV_PORT), port=rdzv_port)
 
 
 def bench(
@@ -173,7 +186,7 @@ def bench(
     cpu: int = 0,
     gpu: int = 0,
     memMB: int = 0,
-    rdzv_port: int = 29500,
+    rdzv_port: int = 0,
 ) -> specs.AppDef:
     """`mbrec bench-worker` on every rank (arguments after `--` are passed on).
 
@@ -187,8 +200,9 @@ def bench(
         cpu: CPUs per replica (a node); 0: sized from the ranks and reader workers (node_resources)
         gpu: GPUs per replica
         memMB: memory per replica in MB; 0: sized from the ranks and reader workers
-        rdzv_port: rendezvous port on the first node
+        rdzv_port: rendezvous port on the first node (0: a free port on a single node, 29500 across nodes)
     """
     cpu, memMB = node_resources(j, _workers(config, ()), cpu, memMB)
-    return dist.ddp("bench-worker", config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
-                    gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"}, rdzv_port=rdzv_port)
+    return with_agent(dist.ddp("bench-worker", config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
+                               gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
+                               rdzv_port=rdzv_port or DEFAULT_RDZV_PORT), port=rdzv_port)

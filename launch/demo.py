@@ -54,7 +54,7 @@ def default_j() -> str:
     return f"1x{min(2, gpus)}" if gpus else "1x2"
 
 
-def run_demo(config: str, overrides: List[str], j: Optional[str] = None, out: str = "runs/demo") -> int:
+def run_demo(config: str, overrides: List[str], j: Optional[str] = None, out: str = "runs/demo", port: int = 0) -> int:
     j = j or default_j()
     cfg = load_config(config, overrides)
     ensure_dataset(cfg.synth)
@@ -63,7 +63,7 @@ def run_demo(config: str, overrides: List[str], j: Optional[str] = None, out: st
         run_dir = Path(out) / method
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume
         rc = launch(config, list(overrides) + [f"balancer.method={method}", f"trainer.out_dir={run_dir}"],
-                    "local_cwd", j)
+                    "local_cwd", j, port=port)
         if rc != 0:
             log.error("the %s run failed (exit status %d); no results reported", method, rc)
             return rc

@@ -14,6 +14,8 @@ BENIGN_LOG_LINES = [
      "the plan is made on the real model, not in a dry run"),
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true",
      "raised by torchrec's pipeline tracing; this project never calls is_fx_tracing"),
+    ("root", "Successfully loaded: 'fbgemm_gpu",
+     "fbgemm_gpu's import logs each of its ~14 kernel libraries at INFO (torchx's level): a failure to load raises"),
     ("root", "_fbgemm_torch_compat_table has no entry for 1.6.0",
      "fbgemm-gpu 1.6.0 (the GPU stack) lacks an entry for itself; it loads and runs with torch 2.11"),
 ]
@@ -23,6 +25,11 @@ BENIGN_WARNINGS = [
      "torchrec's default reservation; its over-estimate only applies to dry runs"),
     (FutureWarning, "`broadcast_buffers` is deprecated", "an argument torchrec's DMP passes to DDP"),
     (DeprecationWarning, ".*fbgemm_gpu", "fbgemm's own imports of its optional SSD kernels"),
+    (UserWarning, "torch.distributed is disabled, unavailable or uninitialized",
+     "DCP's note on a single-process read (no_dist=True): the metadata, progress and export reads are one process's "
+     "on purpose"),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor",
+     "raised by torchrec's own sharded state dict (its tables are ShardedTensors in these releases), not by our calls"),
     (UserWarning, "Grad strides do not match bucket view strides",
      "DDP copies such a gradient into its bucket instead of viewing it: a cost, never a different result"),
     (UserWarning, ".*non-tuple sequence for multidimensional indexing",

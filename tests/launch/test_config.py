@@ -44,14 +44,19 @@ def test_every_shipped_config_parses():
         load_config(path)
 
 
-def test_component_passes_max_restarts_to_torchrun():
+def test_component_passes_max_restarts_and_the_port_to_torchrun():
     from torchx import specs
-    from launch.components import train, with_restarts
+    from launch.components import bench, compare, predict, train, with_agent
     args = " ".join(train(j="2x4", max_restarts=3).roles[0].args)
-    assert "torchrun --max_restarts 3 " in args and "--nnodes 2" in args
+    assert "python -m launch.agent --max_restarts 3 " in args and "--nnodes 2" in args and ":29500" in args
+    assert "--rdzv_endpoint localhost:0 " in " ".join(train(j="1x2").roles[0].args)  # a free port by default
+    for app in (train(j="1x2", rdzv_port=29611), predict(j="1x2", rdzv_port=29611), compare(j="1x2", rdzv_port=29611),
+                bench(j="1x2", rdzv_port=29611)):
+        assert "--rdzv_endpoint localhost:29611 " in " ".join(app.roles[0].args), app.roles[0].args
+    assert ":29611" in " ".join(train(j="2x2", rdzv_port=29611).roles[0].args)
     bare = specs.AppDef("x", roles=[specs.Role("r", image="i", entrypoint="python", args=["-m", "x"])])
     with pytest.raises(ValueError, match="--max_restarts"):
-        with_restarts(bare, 1)
+        with_agent(bare, 1)
 
 
 def test_bench_overrides_reach_the_worker_as_tokens_torchx_accepts():

@@ -123,3 +123,23 @@ def test_frozen_rank_ends_the_job_with_an_error(tiny_synth, tmp_path):
     assert "a collective failed" in log and "trainer.pg_timeout_s" in log, log[-3000:]
     assert not (out / "summary.json").exists()
     _assert_no_process_left(out)
+
+
+def test_a_config_error_runs_once_and_is_said_once(tiny_synth, tmp_path):
+    """Under --max-restarts 2, an error of the config (a warm start from a directory without a
+    checkpoint) trains once, not three times; its message is the job's only error line, said
+    once (not once per rank and attempt), and the agent ends in one line, not a traceback."""
+    cmd = _cmd(tiny_synth, tmp_path / "run", "--max-restarts", "2") + [
+        "--set", f"trainer.init_from={tmp_path / 'nothing'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    said = [ln for ln in text.splitlines() if "no complete checkpoint there" in ln]
+    assert len(said) == 1 and len(said[0]) < 400, text[-4000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-4000:]
+    assert "Successfully loaded" not in text
+    assert "mbrec: the job failed: rank" in text
+    log0 = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    errors = [ln for ln in log0.splitlines() if " ERROR " in ln and "no complete checkpoint there" in ln]
+    assert len(errors) == 1  # one attempt ran; the restarts ended at once
+    assert log0.count("not restarted: an earlier attempt of this job stopped") == 2

@@ -8,13 +8,17 @@ Reads every footer (rows) and a sample of row groups (values), then guesses each
   (row identifiers) are listed as not used;
 - columns whose values are all 0 / 1 (or null) -> tasks (a 0/1 *feature* is left for the user
   to move: the draft says so);
+- integer columns with few values (CODE_DISTINCT) whose name does not read as a quantity -> codes,
+  sparse; other integer columns (ages, counts, weeks worked) are quantities, dense;
 - other numeric columns -> dense, with the transform "auto" will choose from their range.
 The draft is a starting point printed with its evidence, not a verdict: read the comments.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -30,7 +34,13 @@ from data.transforms import AUTO_RANGE
 
 TIME_NAME = re.compile(r"(^|_)(time|timestamp|ts|date|datetime|dt|day|epoch)(_|$)|_at$|_time$|_ts$", re.I)
 EPOCH_RANGES = ((1e9, 2.2e9, "epoch seconds"), (1e12, 2.2e12, "epoch milliseconds"), (19000101, 21001231, "dates"))
-CODE_DISTINCT = 64  # an integer column with at most this many distinct values in [0, 1000) is a code
+# an integer column (not named like an id) is a categorical code when it has at most CODE_DISTINCT
+# distinct values, all in [0, 1000), and its name does not read as a quantity (QUANTITY_NAME);
+# otherwise it is a quantity, dense: its order and distances carry meaning a code's table loses
+CODE_DISTINCT = 16
+QUANTITY_NAME = re.compile(r"(^|[_\- ])(age|num|number|count|cnt|qty|quantity|amount|weeks?|days?|hours?|years?|"
+                           r"months?|minutes?|seconds?|size|length|total|price|cost|income|salary|wage|employees?|"
+                           r"persons?)([_\- ]|$)|^n_", re.I)
 ID_NAME = re.compile(r"(^|_)(id|ids|uid|key|hash|code|token|category|cat)(_|$)|_id$|^id_", re.I)
 SAMPLE_ROW_GROUPS = 8
 MAX_TABLE_ROWS = 50_000_000  # a draft never proposes more rows than this per table
@@ -128,13 +138,18 @@ def _classify(name: str, col: pa.ChunkedArray, total: int) -> Column:
         return Column(name, "sparse", _sparse_note(f"{tp} named like an id", distinct, len(col), total, n, max_id), n)
     if pa.types.is_integer(tp):
         distinct = pc.count_distinct(col).as_py()
-        if distinct <= CODE_DISTINCT and lo >= 0 and hi < 1000:
+        if distinct <= CODE_DISTINCT and lo >= 0 and hi < 1000 and not QUANTITY_NAME.search(name):
             n = table_rows(distinct, len(col), total, int(hi))
             return Column(name, "sparse", _sparse_note(f"{tp} with {distinct} distinct values in [{lo:g}, {hi:g}]: a code, "
                                                        f"not a quantity (move it to dense if its order matters)",
                                                        distinct, len(col), total, n, int(hi)), n)
     auto = "as is" if max(abs(lo), abs(hi)) <= AUTO_RANGE else "log1p + standardize"
-    return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {_nulls(col)}: auto = {auto}")
+    why = ""
+    if pa.types.is_integer(tp):
+        distinct = pc.count_distinct(col).as_py()
+        why = (f", {distinct} distinct: a quantity" + (" by its name" if QUANTITY_NAME.search(name) else "")
+               + " (move it to sparse if it is a category)")
+    return Column(name, "dense", f"{tp} in [{lo:g}, {hi:g}], {_nulls(col)}{why}: auto = {auto}")
 
 
 def _nulls(col: pa.ChunkedArray) -> str:
@@ -156,6 +171,16 @@ def _max_id(ids) -> int:
     return int(hi.as_py()) if lo.as_py() is not None and lo.as_py() >= 0 else -1
 
 
+def run_name(patterns: Sequence[str]) -> str:
+    """A drafted run's directory name: the data's folder or file name and a digest of every path
+    drafted from (two datasets in folders of one name, say `train/`, get two runs)."""
+    first = patterns[0].rstrip("/").split("?")[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", first.rsplit("/", 1)[-1].split("*")[0]).strip("._-")
+    stem = re.sub(r"\.parquet$", "", stem) or "drafted"
+    full = [p if "://" in p else os.path.abspath(p) for p in patterns]
+    return f"{stem}-{hashlib.sha256(json.dumps(full).encode()).hexdigest()[:6]}"
+
+
 def draft(patterns: Sequence[str]) -> str:
     """The `[data]` section (TOML text with comments) for the files the patterns name."""
     files = resolve_files(patterns)
@@ -175,6 +200,11 @@ def draft(patterns: Sequence[str]) -> str:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"{patterns[0]}: the files' schemas do not combine ({e}); draft one schema at a time") from e
     cols = [_classify(name, sample.column(name), total) for name in sample.column_names]
+    for c in cols:  # a column some files lack reads as nulls there: said, with the files
+        lacking = [f for f, m in zip(files, metas) if c.name not in m.schema.names]
+        if lacking:
+            c.note += (f"; ABSENT from {len(lacking)} of {len(files)} file(s) ({', '.join(lacking[:3])}"
+                       f"{' ...' if len(lacking) > 3 else ''}): its nulls there are the files', not the data's")
     return _format(patterns, len(files), total, sample.num_rows, cols)
 
 

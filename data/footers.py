@@ -44,7 +44,12 @@ def id_value_type(tp: pa.DataType) -> pa.DataType:
 def type_problem(column: str, tp: pa.DataType, role: str) -> Optional[str]:
     """None if a column of type `tp` can play `role`, else what is wrong with it."""
     numeric = pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_boolean(tp)
-    if role in ("sparse", "data.eval_group"):  # ids: integers or strings
+    if role == "data.eval_group":  # one group per row: a user or request id, never a list
+        v = tp.value_type if pa.types.is_dictionary(tp) else tp
+        if pa.types.is_integer(v) or is_string_like(v):
+            return None
+        want = "one integer or string/binary id per row (a user or request column; a list cannot group rows)"
+    elif role == "sparse":  # ids: integers or strings
         v = id_value_type(tp)
         if pa.types.is_integer(v) or is_string_like(v):
             return None

@@ -261,11 +261,15 @@ def cmd_validate(args) -> int:
 def cmd_schema(args) -> int:
     """Prints a whole config drafted from the files (local paths, URIs, directories, globs): the
     [data] section from the data, the others from the defaults, with an out_dir of its own."""
-    from data.draft import draft
+    from data.draft import draft, run_name
     from launch.config import drafted_sections
-    name = Path(args.paths[0].rstrip("/").split("?")[0]).name.split("*")[0].rstrip(".-_") or "drafted"
-    print(draft(args.paths), end="")
-    print(drafted_sections(Path(name).stem or "drafted"), end="")
+    name = run_name(args.paths)
+    text = draft(args.paths) + drafted_sections(name)
+    print(text, end="")
+    taken = Path("runs", name).exists()
+    log.info("drafted: trainer.out_dir = runs/%s%s, trainer.epochs = 1 (the default: raise it to train longer); "
+             "read the comments, then `mbrec launch CONFIG`", name,
+             " (it exists: this config resumes the run there; set another out_dir for a new run)" if taken else "")
     return 0
 
 

@@ -159,7 +159,7 @@ DRAFT_NOTES = {
     "balancer.method": "equal, multibalance, ... (README: Balancers); compare them with `mbrec compare`",
     "optim.sparse": "the fused embedding optimizer (row-wise Adagrad: one state value per row)",
     "trainer.out_dir": "this run's own directory: checkpoints, metrics, summary.json",
-    "trainer.epochs": "passes over data.train",
+    "trainer.epochs": "passes over data.train: 1, the default, chosen by the draft (raise it to train longer)",
     "trainer.eval_every": "steps between evaluations (0: at the end only)",
     "trainer.checkpoint_every": "steps between checkpoints (0: one at the end); a restart resumes from the newest",
 }

@@ -1,5 +1,6 @@
 """`mbrec schema`: raw logs (string ids, raw numerics, 0/1 labels) -> a [data] section that
 loads and trains as drafted."""
+import re
 import subprocess
 import sys
 import tomllib
@@ -9,7 +10,7 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.draft import table_rows
+from data.draft import draft, run_name, table_rows
 
 
 def raw_logs(path, n=3000, seed=0):
@@ -30,6 +31,9 @@ def raw_logs(path, n=3000, seed=0):
         "level": rng.integers(1, 6, n),  # 5 values: a code
         "event_time": 1_764_000_000 + np.arange(n) * 60,  # epoch seconds
         "ts_ms": 1_764_000_000_000 + np.arange(n),
+        "age": rng.integers(17, 91, n),  # quantities: many values, or a name that says so
+        "weeks worked in year": rng.integers(0, 53, n),
+        "num_employees": rng.integers(0, 7, n),
     }), path, row_group_size=1000)
 
 
@@ -56,9 +60,12 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
     drafted = tomllib.loads(out.stdout)
     data = drafted["data"]
     # a whole config: its own out_dir (never the demo's), shuffling on, the other sections written out
-    assert drafted["trainer"]["out_dir"] == "runs/logs" and data["shuffle"] is True
+    assert re.fullmatch(r"runs/logs-[0-9a-f]{6}", drafted["trainer"]["out_dir"]) and data["shuffle"] is True
+    assert "trainer.out_dir = runs/logs-" in out.stderr and "trainer.epochs = 1" in out.stderr  # said, not only written
+    assert "# passes over data.train: 1, the default, chosen by the draft" in out.stdout
     assert {"model", "balancer", "optim", "trainer"} <= set(drafted)
-    assert data["dense"] == ["price", "year", "score"]
+    assert data["dense"] == ["price", "year", "score", "age", "weeks worked in year", "num_employees"]
+    assert "7 distinct: a quantity by its name" in out.stdout
     assert [f["name"] for f in data["sparse"]] == ["user", "item_id", "hist", "plan_code", "level"]
     assert "# not used: event_time (int64 in [1.764e+09" in out.stdout and "a range of epoch seconds, and its name" \
         in out.stdout and "# not used: ts_ms" in out.stdout and "looks like a time column" in out.stdout
@@ -75,3 +82,22 @@ def test_schema_drafts_a_config_that_trains(tmp_path):
                           "--set", "trainer.progress_bar=false"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_drafts_of_two_datasets_in_folders_of_one_name_get_two_runs(tmp_path):
+    for ds in ("adult", "census"):
+        (tmp_path / ds / "train").mkdir(parents=True)
+    a, b = run_name([str(tmp_path / "adult" / "train")]), run_name([str(tmp_path / "census" / "train/")])
+    assert a.startswith("train-") and b.startswith("train-") and a != b
+    assert run_name([str(tmp_path / "adult" / "train")]) == a  # the same data: the same run
+    assert run_name(["s3://logs/day=*/part-*.parquet"]).startswith("part-")
+
+
+def test_a_column_some_files_lack_is_said_with_the_files(tmp_path):
+    pq.write_table(pa.table({"x": [1.5, 2.5] * 500, "y": pa.array([0, 1] * 500, pa.int8())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": [1.5, 2.5] * 500, "y": pa.array([0, 1] * 500, pa.int8()),
+                             "late": [0.5, 3.5] * 500}), tmp_path / "b.parquet")
+    text = draft([str(tmp_path)])
+    late = next(line for line in text.splitlines() if '"late"' in line)
+    assert f"ABSENT from 1 of 2 file(s) ({tmp_path / 'a.parquet'})" in late
+    assert "ABSENT" not in next(line for line in text.splitlines() if '"x"' in line)

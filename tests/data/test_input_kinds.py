@@ -88,6 +88,19 @@ def test_a_missing_eval_group_column_is_named_from_the_footers(tmp_path):
         read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("user", "data.eval_group")])
 
 
+def test_an_eval_group_that_cannot_group_rows_is_refused_from_the_footers(tmp_path):
+    """A list column (or a float one) as data.eval_group is refused before training, not by the
+    final eval's raw pyarrow error after the run has trained and saved."""
+    pq.write_table(pa.table({"u": [1, 2], "l": [[1, 2], [3]], "f": [0.5, 1.5], "y": pa.array([0, 1], pa.int8())}),
+                   tmp_path / "e.parquet")
+    cfg = DataConfig(sparse=[SparseFeature("u", 5)], tasks=[Task("y")])
+    for column, tp in (("l", r"list<element: int64>"), ("f", "double")):
+        with pytest.raises(DataError, match=rf"column '{column}' \(data.eval_group\) has type {tp}; expected one "
+                                            rf"integer or string/binary id per row \(.*a list cannot group rows\)"):
+            read_footers([str(tmp_path / "e.parquet")], cfg, extra=[(column, "data.eval_group")])
+    read_footers([str(tmp_path / "e.parquet")], cfg, extra=[("u", "data.eval_group")])
+
+
 def test_uint64_ids_above_int64_are_measured_and_named(tmp_path):
     from data.reader import id_health
     big = [1, 2**63 + 5, 3, 2**64 - 1]

@@ -113,6 +113,9 @@ def _scoring_data(cfg, record: dict, data: List[str], keep: List[str]):
     if unlabelled:
         log.info("scoring data without labels for task(s) %s", ", ".join(unlabelled))
     footers = read_footers(data, dcfg)
+    if sum(footers.unit_rows) == 0:  # as training refuses an empty data.train: an empty output is no result
+        raise DataError(f"--data {', '.join(data[:3])}{' ...' if len(data) > 3 else ''}: no rows to score "
+                        f"({len(footers.files)} file(s), {len(footers.unit_rows)} row group(s)); nothing written")
     if "string_ids" in record:
         check_id_kinds(record["string_ids"], footers, sorted({f.column for f in dcfg.sparse}), "--data")
     return dcfg, footers

@@ -69,8 +69,10 @@ def test_report_gains_are_per_seed_against_equal(tmp_path):
     assert g["ctr"] == pytest.approx([0.0, 0.0])
     assert g["average"] == pytest.approx([0.5, 0.5])
     text = write_compare_report(tmp_path)
-    assert "**+0.500 ± 0.000**" in text  # best average gain, in bold
-    assert "+3.00 ± 12.71" in text  # QPS drop 2 % and 4 %, paired by seed: t(1) = 12.706 x 1.414 / sqrt(2)
+    assert "**+0.500 ± 0.000**" in text  # best average gain, beyond its interval: in bold
+    assert "**+0.000" not in text  # ctr: the best (the only) method, but no gain beyond the noise: not bold
+    assert "0.970 ± 0.127" in text  # QPS ratios 0.98 and 0.96, paired by seed: t(1) = 12.706 x 0.01414 / sqrt(2)
+    assert "drop" not in text
     assert "mean ± 95 % interval" in text and "mean ± seed std" in text  # every ± says what it is
     assert "Seed-to-seed std of MultiBalance" in text
     assert "| ctr | 0.81000 ± 0.01414 | 0.79000 ± 0.00000 |" in text  # joint vs single-task
@@ -179,3 +181,11 @@ def test_dynamics_table_splits_rare_and_frequent_tasks(tmp_path):
     table = dynamics_table(_load(tmp_path), TASKS)
     assert "| multibalance_tracked | 0.20 | +0.200 | 0.50 0.50 | +1.000 ± 0.000 | -1.000 ± 0.000 |" in table, table
     assert "rare (< 1 %: cvr)" in table
+
+
+def test_a_best_inside_the_noise_is_not_bold(tmp_path):
+    for seed, (eq, mb) in enumerate(((0.90, 0.899), (0.90, 0.903), (0.90, 0.898))):
+        fake_run(tmp_path, "equal", seed, [0.8, eq], 100.0)
+        fake_run(tmp_path, "multibalance", seed, [0.8, mb], 100.0)
+    text = write_compare_report(tmp_path)
+    assert "**" not in text.split("## NE gain vs equal weights")[1].split("##")[0]

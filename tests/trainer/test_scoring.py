@@ -47,7 +47,8 @@ def _scenarios(raw: dict, root: str, inputs: dict):
            "again": _outcome(predict, cfg, run, raw["data"]["eval"], f"{root}/scores"),
            "no_checkpoint": _outcome(predict, cfg, f"{root}/nothing", raw["data"]["eval"], f"{root}/x"),
            "unwritable": _outcome(predict, cfg, run, raw["data"]["eval"], inputs["blocked"] + "/scores"),
-           "missing_keep": _outcome(predict, cfg, run, raw["data"]["eval"], f"{root}/y", ["no_such_column"])}
+           "missing_keep": _outcome(predict, cfg, run, raw["data"]["eval"], f"{root}/y", ["no_such_column"]),
+           "empty": _outcome(predict, cfg, run, [inputs["empty"]], f"{root}/e")}
     grouped = apply_overrides(copy.deepcopy(raw), [f"trainer.out_dir={root}/grouped", "trainer.max_steps=4",
                                                    f"data.eval=['{inputs['uneven']}']", "data.eval_group=user_id"])
     out["grouped"] = _outcome(train, from_dict(RunConfig, grouped))
@@ -76,7 +77,10 @@ def scored(tiny_synth, tmp_path_factory):
     with pq.ParquetWriter(uneven, ev.schema) as w:
         for a, b in ((0, 300), (300, 550), (550, 700)):
             w.write_table(ev.slice(a, b - a), row_group_size=b - a)
-    inputs = {"unlabelled": str(unlabelled), "bad_row": str(bad), "blocked": str(blocked), "uneven": str(uneven)}
+    empty = root / "empty.parquet"
+    pq.write_table(ev.slice(0, 0), empty)
+    inputs = {"unlabelled": str(unlabelled), "bad_row": str(bad), "blocked": str(blocked), "uneven": str(uneven),
+              "empty": str(empty)}
     results = run_ranks(_scenarios, (raw, str(root), inputs))
     for name in results[0]:  # both ranks end the same way
         assert results[0][name][0] == results[1][name][0], (name, results[0][name], results[1][name])
@@ -120,10 +124,12 @@ def test_scoring_data_without_labels_scores_the_same(scored):
 @pytest.mark.parametrize("name,kind,match", [
     ("again", "RunError", "already holds scoring output"),
     ("bad_row", "DataError", r"bad.parquet: dense column 'd1' has value inf \(row 234 of row group 1\)"),
-    ("no_checkpoint", "RunError", "--from '.*nothing': no checkpoint there"),
+    ("no_checkpoint", "RunError", "--from '.*nothing': no complete checkpoint there"),
+    ("empty", "DataError", r"--data .*empty.parquet: no rows to score \(1 file\(s\), 0 row group\(s\)\); nothing written"),
     ("unwritable", "RunError", "blocked/scores is not writable"),
     ("missing_keep", "DataError", "--keep column\\(s\\) 'no_such_column' not in the file"),
-    ("other_config", "RunError", "was trained with another model than this config: .*embedding_dim"),
+    ("other_config", "RunError", r"(?s)was trained with another model than this config \(1 difference\(s\) below\)"
+                                 r"\n  - model 'embedding_dim'"),
 ])
 def test_bad_inputs_are_named(scored, name, kind, match):
     import re

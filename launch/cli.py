@@ -103,14 +103,14 @@ def cmd_predict(args) -> int:
                  "--keep", ",".join(args.keep), "--gpu", str(args.gpu)]
         return launch(args.config, args.set, args.scheduler, args.j, None, extra, component_fn="predict",
                       port=args.port)
-    from trainer.predict import predict
+    from trainer.serving.predict import predict
     cfg = load_config(args.config, args.set)
     predict(cfg, args.source, args.data, args.out, args.keep)
     return 0
 
 
 def cmd_export(args) -> int:
-    from trainer.export import export
+    from trainer.serving.export import export
     manifest = export(args.source, args.out, args.dtype)
     print(json.dumps({k: manifest[k] for k in ("checkpoint", "step", "embedding_dtype", "bytes")}))
     return 0
@@ -187,15 +187,15 @@ def cmd_bench(args) -> int:
                 extra=["--gpu", str(args.gpu), "--"] + _bench_args(args) + set_tokens(args.set),
                 pass_overrides=False)
     if rc == 0 and Path(args.out).is_file():
-        from trainer.bench import format_table
-        from trainer.breakdown import format_breakdown
+        from trainer.tools.bench import format_table
+        from trainer.tools.breakdown import format_breakdown
         result = json.loads(Path(args.out).read_text())
         print(format_breakdown(result["variants"]) if args.breakdown else format_table(result))
     return rc
 
 
 def cmd_bench_worker(args) -> int:
-    from trainer.bench import BenchConfig, format_table, run_bench, write_result
+    from trainer.tools.bench import BenchConfig, format_table, run_bench, write_result
     from trainer.build import init_distributed
     cfg = load_config(args.config, args.set)
     bench = BenchConfig(variants=args.variants.split(","), rounds=args.rounds, steps=args.steps,
@@ -213,8 +213,8 @@ def cmd_bench_worker(args) -> int:
 
 
 def _breakdown_worker(cfg, bench, env, out: str) -> int:
-    from trainer.bench import write_result
-    from trainer.breakdown import format_breakdown, run_breakdown
+    from trainer.tools.bench import write_result
+    from trainer.tools.breakdown import format_breakdown, run_breakdown
     rows = run_breakdown(cfg, bench.variants, bench.steps or 300, bench.warmup_steps, env)
     if env.is_main:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def cmd_schema(args) -> int:
 
 def cmd_plan(args) -> int:
     """The sharding plan and memory per GPU on a simulated topology (no GPU needed)."""
-    from trainer.plan import format_report, simulate
+    from trainer.tools.plan import format_report, simulate
     report = simulate(load_config(args.config, args.set), args.nodes, args.gpus_per_node, args.hbm_gb)
     print(format_report(report, args.nodes, args.gpus_per_node))
     return 0
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--parquet", action="store_true", help="read the config's train files")
         sp.add_argument("--one-at-a-time", action="store_true", help="build one variant at a time (GPU memory)")
         sp.add_argument("--breakdown", action="store_true",
-                        help="profile one step of each variant instead: where its time goes (trainer/breakdown.py)")
+                        help="profile one step of each variant instead: where its time goes (trainer/tools/breakdown.py)")
         sp.add_argument("--out", default="runs/bench/bench.json")
         if name == "bench":
             add_launcher(sp)

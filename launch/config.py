@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -17,7 +16,7 @@ from balancing import BalancerConfig
 from data.schema import DataConfig
 from data.synth import SynthConfig
 from models.mtl import ModelConfig
-from trainer.config import OptimConfig, TrainerConfig
+from trainer.config import ConfigError, OptimConfig, TrainerConfig, from_dict
 
 
 @dataclass
@@ -28,55 +27,6 @@ class RunConfig:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, List, Sequence):
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(args[0], value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        _, value_tp = typing.get_args(tp) or (str, Any)
-        return {k: _coerce(value_tp, v, f"{where}.{k}") for k, v in value.items()}
-    return value
-
-
-def from_dict(cls: type, values: Dict[str, Any], where: str = "") -> Any:
-    """Builds dataclass `cls` from a dict, rejecting keys it does not declare."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(where + '.' + k if where else k for k in unknown)}"
-                          f"; {cls.__name__} accepts: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # a component's own check (__post_init__): the message names the key
-        raise ConfigError(str(e)) from e
 
 
 def _parse_value(text: str) -> Any:

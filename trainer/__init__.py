@@ -1,1 +1,1 @@
-"""Distributed training: sharding, DMP, the train pipeline, evaluation, checkpoints, logs."""
+"""The core of a run: process group, sharding, DMP, optimizers, pipeline, loop, eval, checkpoints, run identity and where a run starts from. Rooms beside it: serving/ (using a trained model), tools/ (benchmarks and planning)."""

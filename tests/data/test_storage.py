@@ -131,7 +131,7 @@ def test_warm_start_from_a_checkpoint_directory_on_s3(s3, tiny_config, tmp_path)
 def _score_on_s3(raw: dict, root: str):
     """Trains 3 steps (eval predictions kept), then scores the eval split read from s3:// into s3://."""
     from launch.config import RunConfig, from_dict
-    from trainer.predict import predict
+    from trainer.serving.predict import predict
     run = copy.deepcopy(raw)
     run["trainer"].update(out_dir=f"{root}/run", max_steps=3, save_predictions=True)
     _train(run)

@@ -45,7 +45,7 @@ def test_schema_on_what_is_not_parquet_is_named(tmp_path):
 
 
 def test_plan_on_no_nodes_is_refused():
-    from trainer.plan import simulate
+    from trainer.tools.plan import simulate
     with pytest.raises(RunError, match=r"--nodes \(0\)"):
         simulate(RunConfig(), 0, 8, 80.0)
 

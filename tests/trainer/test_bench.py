@@ -10,8 +10,8 @@ from tests.dist_utils import run_ranks
 def _bench(raw):
     import torch
 
-    from trainer.bench import BenchConfig, format_table, run_bench
-    from trainer.breakdown import format_breakdown, run_breakdown
+    from trainer.tools.bench import BenchConfig, format_table, run_bench
+    from trainer.tools.breakdown import format_breakdown, run_breakdown
     from trainer.build import init_distributed
     env = init_distributed()
     variants = ["equal", "multibalance_exact", "multibalance_deferred", "multibalance_paper", "param_mgda", "dlrm_dcn"]
@@ -19,7 +19,7 @@ def _bench(raw):
     parquet = run_bench(from_dict(RunConfig, raw), BenchConfig(variants=["equal"], rounds=1, steps=30,
                                                                  warmup_steps=2, parquet=True), env)
     breakdown = run_breakdown(from_dict(RunConfig, raw), ["equal", "multibalance"], steps=3, warmup=2, env=env)
-    import trainer.bench as tb
+    import trainer.tools.bench as tb
     built, build = [], tb.build_variant
     tb.build_variant = lambda v, c, e: (built.append(v), build(v, c, e))[1]  # counts the builds
     try:  # the A/A control, its variants built twice over the rounds
@@ -68,7 +68,7 @@ def test_bench_all_variants_two_ranks(tiny_config):
 def test_paired_ratio_and_the_rounds_an_interval_needs():
     import math
 
-    from trainer.bench import paired_ratio
+    from trainer.tools.bench import paired_ratio
     base = [100.0] * 9
     x = paired_ratio([99.0, 98.0, 100.0, 97.0, 99.0, 101.0, 99.0, 96.0, 102.0], base)
     assert x["ratio"] == 0.99 and x["ci95"] == [0.96, 1.02]  # n = 9: k = 1, the extremes
@@ -83,7 +83,7 @@ def test_no_pinning_with_more_ranks_than_cores():
 
     import torch
 
-    from trainer.bench import pin_cpu
+    from trainer.tools.bench import pin_cpu
     from trainer.build import DistEnv
     before = os.sched_getaffinity(0)
     crowded = DistEnv(rank=0, world_size=64, local_rank=0, local_world_size=len(before) + 1, device=torch.device("cpu"))
@@ -92,7 +92,7 @@ def test_no_pinning_with_more_ranks_than_cores():
 
 
 def test_median_ci95_uses_the_binomial_order_statistics():
-    from trainer.bench import median_ci95
+    from trainer.tools.bench import median_ci95
     assert median_ci95([1.0, 2, 3, 4, 5]) is None  # 5 values: no order statistics reach 95 %
     assert median_ci95([]) is None and median_ci95([float(i) for i in range(7)]) is None
     # n = 30: k = floor((30 - 1.96 sqrt(30)) / 2) = 9 -> the 9th and 22nd smallest
@@ -104,7 +104,7 @@ def test_median_ci95_uses_the_binomial_order_statistics():
 
 
 def test_variants_stay_resident_only_when_they_fit():
-    from trainer.bench import fits_resident
+    from trainer.tools.bench import fits_resident
     gib = 2**30
     assert fits_resident(30 * gib, 75 * gib, 2)  # two h100.toml-sized variants on an 80 GB GPU
     assert not fits_resident(30 * gib, 75 * gib, 4)  # four do not: built one at a time
@@ -112,7 +112,7 @@ def test_variants_stay_resident_only_when_they_fit():
 
 
 def test_rounds_and_steps_follow_the_mode_unless_given():
-    from trainer.bench import BenchConfig, resolve_counts
+    from trainer.tools.bench import BenchConfig, resolve_counts
     resident, rebuilt, given, gpu = BenchConfig(), BenchConfig(one_at_a_time=True), BenchConfig(rounds=7, steps=3), \
         BenchConfig()
     for b in (resident, rebuilt, given):
@@ -123,7 +123,7 @@ def test_rounds_and_steps_follow_the_mode_unless_given():
 
 
 def test_rebuilds_are_spread_over_the_rounds_and_checked():
-    from trainer.bench import BenchConfig, rebuild_every
+    from trainer.tools.bench import BenchConfig, rebuild_every
     assert rebuild_every(BenchConfig(rounds=3000, rebuilds=10)) == 300
     assert rebuild_every(BenchConfig(rounds=5, rebuilds=1)) == 0  # built once
     for bad in (0, 6):  # none, or more builds than rounds (which would silently build once)

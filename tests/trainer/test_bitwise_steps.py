@@ -51,7 +51,7 @@ def _train(raws: dict, steps: int) -> dict:
     import itertools
 
     from launch.config import RunConfig, from_dict
-    from trainer.bench import random_batches
+    from trainer.tools.bench import random_batches
     from trainer.build import build_train_module, build_training, init_distributed
     env = init_distributed()
     out = {}

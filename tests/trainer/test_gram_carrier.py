@@ -6,7 +6,7 @@ def _train_steps(raw: dict, steps: int):
     import itertools
 
     from launch.config import RunConfig, from_dict
-    from trainer.bench import random_batches
+    from trainer.tools.bench import random_batches
     from trainer.build import build_train_module, build_training, init_distributed
     cfg = from_dict(RunConfig, raw)
     env = init_distributed()

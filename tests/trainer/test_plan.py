@@ -3,7 +3,7 @@ import pytest
 
 from launch.config import load_config
 from trainer.errors import RunError
-from trainer.plan import GIB, format_report, simulate
+from trainer.tools.plan import GIB, format_report, simulate
 
 H100 = "launch/configs/h100.toml"  # 26 tables x 2M rows x 128, fp32, rowwise Adagrad
 TABLE_BYTES = 26 * 2_000_000 * 128 * 4

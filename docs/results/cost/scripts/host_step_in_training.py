@@ -7,7 +7,7 @@ def work(_):
     import torch
     from launch.config import load_config
     from trainer.build import init_distributed
-    from trainer.bench import build_variant, random_batches, pin_cpu
+    from trainer.tools.bench import build_variant, random_batches, pin_cpu
     from balancing.multibalance import MultiBalance, MultiBalanceConfig
     cfg = load_config("launch/configs/demo.toml", [])
     env = init_distributed(); pin_cpu(env)

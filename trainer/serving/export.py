@@ -39,6 +39,7 @@ from data import hashing
 from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer import checkpoint, identity, start
+from trainer.config import from_dict
 from trainer.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,6 @@ def config_of(record: Dict) -> Dict:
 
 def export(source: str, out: str, dtype: str = "int8") -> Dict:
     """Writes the artifact to `out`; returns its manifest."""
-    from launch.config import from_dict  # (the config's parser, for the run's own sections)
     if dtype not in DTYPES:
         raise RunError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     t0 = time.perf_counter()

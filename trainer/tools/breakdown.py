@@ -101,7 +101,7 @@ def run_breakdown(cfg, variants: List[str], steps: int, warmup: int, env) -> Dic
     """{variant: {"rows", "profiled_step_us", "step_us", "check_us", "timers_us", "timed_step_us"}}
     on this rank (every rank runs the same steps): `steps` interleaved steps timed plain, `steps`
     with the balancer's timers, then `steps` profiled."""
-    from trainer.bench import build_variant, pin_cpu, random_batches
+    from trainer.tools.bench import build_variant, pin_cpu, random_batches
     pin_cpu(env)
     fixed = random_batches(cfg, 8, seed=env.rank)
     pipelines = {}

@@ -70,3 +70,24 @@ def test_bench_overrides_reach_the_worker_as_tokens_torchx_accepts():
     assert max(Counter(tokens).values()) == 1
     args = build_parser().parse_args(["bench-worker", "launch/configs/demo.toml", *tokens])
     assert args.set == ["model.dense_arch=[128,16]", "model.head_arch=[64]"]
+
+
+def test_every_launching_command_takes_a_port(monkeypatch):
+    """`--port` reaches torchx as the component's rdzv_port, for every command that launches."""
+    import launch.cli as cli
+    import launch.demo as demo
+    seen = []
+    monkeypatch.setattr(cli, "launch", lambda *a, **kw: seen.append(kw.get("port")) or 1)
+    monkeypatch.setattr(demo, "launch", lambda *a, **kw: seen.append(kw.get("port")) or 1)
+    monkeypatch.setattr(demo, "ensure_dataset", lambda *_: None)
+    for argv in (["launch", "launch/configs/demo.toml"], ["predict", "launch/configs/demo.toml", "--from", "r",
+                 "--data", "d", "--out", "o", "-j", "1x2"], ["bench", "launch/configs/demo.toml"], ["demo"]):
+        args = cli.build_parser().parse_args([*argv, "--port", "29611"])
+        args.fn(args)
+    assert seen == [29611] * 4
+    from launch.jobs import launch
+    import subprocess
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    launch("launch/configs/demo.toml", [], "local_cwd", "1x2", port=29611)
+    assert calls[0][calls[0].index("--rdzv_port") + 1] == "29611"

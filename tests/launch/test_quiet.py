@@ -11,15 +11,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BENIGN = "The topology was constructed directly"  # torchrec 1.8's; 1.6.1 does not say it
 
 
-def _train(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    _dataset(tmp_path, [0.5] * 200, [0, 1] * 100)
+def _train(tmp_path: Path, extra=(), **env: str) -> subprocess.CompletedProcess:
+    if not (tmp_path / "run.toml").is_file():
+        _dataset(tmp_path, [0.5] * 200, [0, 1] * 100)
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'[data]\ntrain = ["{tmp_path}"]\neval = ["{tmp_path}"]\ndense = ["d0"]\n'
                    f'sparse = [{{name = "id", num_embeddings = 7}}]\ntasks = [{{name = "y"}}]\nbatch_size = 16\n'
                    f'[model]\nembedding_dim = 4\ndense_arch = [4]\ncross_layers = 1\ncross_low_rank = 4\n'
                    f'shared_arch = [4]\nhead_arch = [4]\n'
                    f'[trainer]\nout_dir = "{tmp_path}/run"\nmax_steps = 2\nprogress_bar = false\n')
-    return subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "launch.cli", "train", str(cfg), *extra], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "MASTER_PORT": "0", **env})
 
 
@@ -53,3 +54,20 @@ def test_benign_lines_dropped_unless_all_warnings_asked(monkeypatch):
         assert logger.filter(record("a warning that matters"))
     finally:
         logger.filters = saved
+
+
+def test_a_warm_start_logs_what_happened_and_no_library_noise(tmp_path):
+    """A warm start loads its parent's head biases: its log has no head-bias line (the log said
+    "rate -> bias" and then loaded other biases); loading a checkpoint shows none of DCP's or
+    torchrec's deprecation notes."""
+    parent = _train(tmp_path)
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    child = _train(tmp_path, extra=["--set", f"trainer.out_dir={tmp_path}/child",
+                                    "--set", f"trainer.init_from={tmp_path}/run"])
+    assert child.returncode == 0, child.stderr[-2000:]
+    parent_log = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    child_log = (tmp_path / "child" / "logs" / "rank0.log").read_text()
+    assert "head output biases" in parent_log
+    assert "head output biases" not in child_log and "warm start from" in child_log
+    for noise in ("FutureWarning", "torch.distributed is disabled", "deprecating ShardedTensor", "Successfully loaded"):
+        assert noise not in child.stderr and noise not in child_log, noise

@@ -33,7 +33,7 @@ def _env():
 
 
 def _rank_pid(rank: int, out: Path) -> int:
-    """The training process of `rank` (a child of torchrun; DataLoader workers are its children)."""
+    """The training process of `rank` (a child of the torchrun agent; DataLoader workers are its children)."""
     for p in Path("/proc").iterdir():
         try:
             cmdline = (p / "cmdline").read_bytes().split(b"\0")
@@ -42,7 +42,7 @@ def _rank_pid(rank: int, out: Path) -> int:
         except (OSError, IndexError):
             continue
         if (b"train" in cmdline and str(out).encode() in b" ".join(cmdline) and f"RANK={rank}".encode() in environ
-                and b"torchrun" in parent):
+                and b"launch.agent" in parent):  # (torchrun, as launch.agent runs it)
             return int(p.name)
     raise AssertionError(f"no process of rank {rank} found")
 

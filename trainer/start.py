@@ -18,6 +18,7 @@ The training loop receives a `Start` (its step, total and `Timeline`) and knows 
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -139,6 +140,7 @@ def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
     if not tcfg.init_from:
         return Origin("fresh")
     hold = ExitStack()
+    atexit.register(hold.close)  # (a run that fails before it has loaded the parent lets go of the pin too)
     try:
         ckpt, record, stats = trained_run(tcfg.init_from, "trainer.init_from =", not tcfg.refit_transforms, hold)
     except BaseException:

@@ -32,7 +32,7 @@ def test_slurm_request():
     assert len(lines) == 4  # one per node
     for line in lines:
         assert "--cpus-per-task=40" in line and "--mem=131072" in line and "--gpus-per-task=8" in line
-    assert "torchrun --max_restarts 2 " in out and "--nproc_per_node 8" in out
+    assert "python -m launch.agent --max_restarts 2 " in out and "--nproc_per_node 8" in out
 
 
 def test_kubernetes_request():

@@ -18,6 +18,7 @@ the file, row group, column and row, or the configured fill, counted in the summ
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -53,7 +54,8 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     t0 = time.perf_counter()
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
-    hold = ExitStack()  # rank 0's pin of the checkpoint, until every rank has loaded it
+    hold = ExitStack()  # rank 0's pin of the checkpoint, until every rank has loaded it (or this process ends)
+    atexit.register(hold.close)
     ckpt, record, stats = on_main(lambda: _trained(cfg, source, hold))
     dcfg, footers = on_main(lambda: _scoring_data(cfg, record, list(data), list(keep)))
     agreed(lambda: _check_out(out, env.rank, env.is_main))

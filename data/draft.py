@@ -200,8 +200,9 @@ def draft(patterns: Sequence[str]) -> str:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"{patterns[0]}: the files' schemas do not combine ({e}); draft one schema at a time") from e
     cols = [_classify(name, sample.column(name), total) for name in sample.column_names]
+    columns = [set(m.schema.to_arrow_schema().names) for m in metas]  # (top-level: a list column's leaf is not)
     for c in cols:  # a column some files lack reads as nulls there: said, with the files
-        lacking = [f for f, m in zip(files, metas) if c.name not in m.schema.names]
+        lacking = [f for f, names in zip(files, columns) if c.name not in names]
         if lacking:
             c.note += (f"; ABSENT from {len(lacking)} of {len(files)} file(s) ({', '.join(lacking[:3])}"
                        f"{' ...' if len(lacking) > 3 else ''}): its nulls there are the files', not the data's")

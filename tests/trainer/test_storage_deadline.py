@@ -90,12 +90,17 @@ def _server_pid(url: str) -> int:
 def _latest_when_answering(uri: str, wait_s: float = 60.0):
     """The newest complete checkpoint, once the thawed server answers again (on a loaded machine
     it may take a while to drain the connections it held while frozen)."""
+    import s3fs
+    from botocore.exceptions import EndpointConnectionError
     from trainer.checkpoint import CheckpointDir
+    # fsspec keeps one S3 client per set of options: an earlier test's, made for its own server's
+    # endpoint (AWS_ENDPOINT_URL is read when a client is made), would be reused here
+    s3fs.S3FileSystem.clear_instance_cache()
     deadline = time.time() + wait_s
     while True:
         try:
             return CheckpointDir(uri).latest()
-        except OSError:
+        except (OSError, EndpointConnectionError):
             if time.time() > deadline:
                 raise
             time.sleep(1)

@@ -53,7 +53,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from data.errors import detailed
 from trainer.deadline import deadline
-from trainer.errors import CheckpointError, CheckpointWriteError
+from trainer.errors import CheckpointError, CheckpointWriteError, NoCheckpoint
 from trainer.identity import write_atomic
 from trainer.preflight import agreed
 
@@ -272,13 +272,13 @@ class CheckpointDir:
     @contextmanager
     def reading(self, name: Optional[str] = None) -> Iterator[str]:
         """The checkpoint `name` (None: the one `latest()` picks), pinned against the clean-up of
-        the run that writes here until the block ends. CheckpointError if there is none (or it is
-        gone, or incomplete)."""
+        the run that writes here until the block ends. NoCheckpoint if there is none; CheckpointError
+        if the one named is gone or incomplete."""
         for _ in range(5):  # (object stores: a pick removed before its pin was seen is picked again)
             with self._lock(exclusive=False):
                 ckpt = self.child(name) if name else self.latest()
                 if ckpt is None:
-                    raise CheckpointError(f"{self.uri}: no complete checkpoint there")
+                    raise NoCheckpoint(f"{self.uri}: no complete checkpoint there")
                 pin = self._pin(os.path.basename(ckpt))
             if self.is_complete(os.path.basename(ckpt)):
                 break
@@ -308,7 +308,7 @@ class CheckpointDir:
         if path:
             try:
                 self.fs.rm(path)
-            except (OSError, FileNotFoundError):
+            except OSError:
                 pass
 
     def _full(self) -> bool:

@@ -21,6 +21,10 @@ class AlreadyFinished(RunError):
     """The run in out_dir is finished (summary.json and its last checkpoint are there)."""
 
 
+class NoCheckpoint(CheckpointError):
+    """A directory that holds no complete checkpoint."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A save that failed in the store (a full disk, a failing or unreachable object store): a
     fault that a restart, resuming from the newest complete checkpoint, may mend."""

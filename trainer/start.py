@@ -37,7 +37,7 @@ from data.position import Split, consumed
 from data.reader import DataSource, batches_per_rank
 from trainer import checkpoint, identity
 from trainer.checkpoint import CheckpointDir, is_remote
-from trainer.errors import AlreadyFinished, RunError
+from trainer.errors import AlreadyFinished, NoCheckpoint, RunError
 
 log = logging.getLogger(__name__)
 STATS_FILE = "dense_stats.json"  # the dense transforms' fitted numbers, kept for eval, resume and warm starts
@@ -139,8 +139,7 @@ def find_origin(cfg, out: Path, ckpts: CheckpointDir) -> Origin:
         return Origin("resume", latest, transforms=json.loads(saved.read_text()) if saved.is_file() else None)
     if not tcfg.init_from:
         return Origin("fresh")
-    hold = ExitStack()
-    atexit.register(hold.close)  # (a run that fails before it has loaded the parent lets go of the pin too)
+    hold = pin_holder()
     try:
         ckpt, record, stats = trained_run(tcfg.init_from, "trainer.init_from =", not tcfg.refit_transforms, hold)
     except BaseException:
@@ -166,35 +165,57 @@ def trained_run(source: str, what: str, with_stats: bool = True, hold: Optional[
     return ckpt, record, stats
 
 
+def pin_holder() -> ExitStack:
+    """Where a picked checkpoint's pin is kept (`CheckpointDir.reading`): closed by its user once
+    every rank has read the checkpoint, and at the latest when this process ends."""
+    hold = ExitStack()
+    atexit.register(hold.close)
+    return hold
+
+
 def resolve_parent(uri: str, what: str = "trainer.init_from =", hold: Optional[ExitStack] = None) -> tuple:
     """(checkpoint, the directories that may hold its run.json) of `uri`: one step-N checkpoint,
     a checkpoint directory (its newest), or a run directory. A run directory's checkpoints are its
     own `checkpoints/` (so that a copy or a move of it reads its own files, never the original's);
     only a run whose checkpoints live elsewhere by choice (trainer.checkpoint_dir: object storage,
-    another disk) is read where its run.json says. The checkpoint is pinned in `hold` (or, without
+    another disk) is read where its run.json says. The checkpoint is pinned in `hold` (without
     one, only while it is picked)."""
-    uri = uri.rstrip("/")
+    if hold is None:
+        with ExitStack() as picking:
+            return _resolve(uri.rstrip("/"), what, picking)
+    return _resolve(uri.rstrip("/"), what, hold)
+
+
+def _resolve(uri: str, what: str, hold: ExitStack) -> tuple:
     fs, root = fsspec.core.url_to_fs(uri)
-    hold = hold if hold is not None else ExitStack()
     if fs.isfile(f"{root}/.metadata"):
         parent = posixpath.dirname(uri)
         ckpt = hold.enter_context(CheckpointDir(parent).reading(posixpath.basename(uri)))
         return ckpt, [parent, posixpath.dirname(parent)]
     for where, homes in ((uri, [uri, posixpath.dirname(uri)]), (f"{uri}/checkpoints", [uri])):
-        if CheckpointDir(where).latest() is not None:
-            ckpt = hold.enter_context(CheckpointDir(where).reading())
+        ckpt = _newest_pinned(where, hold)
+        if ckpt is not None:
             return ckpt, [*homes, posixpath.dirname(ckpt)]
     record = read_json([uri], identity.RUN_FILE, None) or {}
     elsewhere = record.get("checkpoints") or ""
-    if elsewhere and not _default_of_another(elsewhere, uri) and CheckpointDir(elsewhere).latest() is not None:
+    copied = bool(elsewhere) and _default_of_another(elsewhere, uri)
+    ckpt = _newest_pinned(elsewhere, hold) if elsewhere and not copied else None
+    if ckpt is not None:
         log.info("%s %s: its checkpoints are at %s (trainer.checkpoint_dir)", what, uri, elsewhere)
-        ckpt = hold.enter_context(CheckpointDir(elsewhere).reading())
         return ckpt, [uri, posixpath.dirname(ckpt)]
     moved = (f"; its {identity.RUN_FILE} names {elsewhere}, another run directory's checkpoints: this one is a copy "
              f"or a move of that run whose own checkpoints/ holds no complete checkpoint, and is not read in its "
-             f"place" if elsewhere and _default_of_another(elsewhere, uri) else "")
+             f"place" if copied else "")
     raise RunError(f"{what} {uri!r}: no complete checkpoint there (expected a run directory with checkpoints/, a "
                    f"checkpoint directory with a complete step-N checkpoint, or a step-N checkpoint itself){moved}")
+
+
+def _newest_pinned(where: str, hold: ExitStack) -> Optional[str]:
+    """The newest complete checkpoint under `where`, pinned in `hold`; None if there is none."""
+    try:
+        return hold.enter_context(CheckpointDir(where).reading())
+    except NoCheckpoint:
+        return None
 
 
 def _default_of_another(ckpts: str, run_dir: str) -> bool:

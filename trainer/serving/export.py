@@ -40,6 +40,7 @@ from data.schema import DataConfig
 from models.mtl import ModelConfig, MultiTaskDCN, build_ebc
 from trainer import checkpoint, identity, start
 from trainer.config import from_dict
+from trainer.deadline import deadline
 from trainer.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,11 @@ def export(source: str, out: str, dtype: str = "int8") -> Dict:
 def _load(ckpt: str, model: MultiTaskDCN) -> None:
     """The checkpoint's model tensors, whole, into `model` (DCP gathers the shards), checked to
     fit and to be finite; its files first checked against their digests."""
+    with deadline("reading checkpoint", ckpt, checkpoint.STORAGE_TIMEOUT_S):
+        _load_bounded(ckpt, model)
+
+
+def _load_bounded(ckpt: str, model: MultiTaskDCN) -> None:
     checkpoint.verify(ckpt)
     state = {f"model.model.{k}": v for k, v in model.state_dict().items()}
     meta = checkpoint.read_metadata(ckpt)

@@ -18,7 +18,6 @@ the file, row group, column and row, or the configured fill, counted in the summ
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import logging
@@ -54,8 +53,7 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     t0 = time.perf_counter()
     env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
-    hold = ExitStack()  # rank 0's pin of the checkpoint, until every rank has loaded it (or this process ends)
-    atexit.register(hold.close)
+    hold = start.pin_holder()  # rank 0's pin of the checkpoint, until every rank has loaded it
     ckpt, record, stats = on_main(lambda: _trained(cfg, source, hold))
     dcfg, footers = on_main(lambda: _scoring_data(cfg, record, list(data), list(keep)))
     agreed(lambda: _check_out(out, env.rank, env.is_main))
@@ -65,7 +63,7 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     module = build_train_module(dcfg, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
     dmp, optimizer, pipeline = build_training(module, cfg, env)
-    step = checkpoint.load(ckpt, dmp, optimizer, parts=("model", "balancer"), timeout_s=cfg.trainer.storage_timeout_s).step
+    step = checkpoint.load(ckpt, dmp, optimizer, ("model", "balancer"), cfg.trainer.storage_timeout_s).step
     hold.close()
     t_score = time.perf_counter()
     preds = _predictions(pipeline, dmp, src)  # [rows of this rank, M]

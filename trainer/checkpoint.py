@@ -11,10 +11,16 @@ fsspec package: s3fs for s3://, gcsfs for gs://). Resume takes `latest`
 if it names a complete checkpoint, else (with a warning) the newest complete one; incomplete
 directories are removed at start; the newest `keep` complete ones are kept.
 
-Each step directory also holds `digests.json`: the SHA-256 and size of every file DCP wrote,
-computed after the save (the ranks share the files) and checked before every load. DCP checks
-no content: a shard damaged after the save (a bit flip on disk, a partial copy between stores)
-that still decodes to finite numbers would otherwise be trained on, silently.
+Each step directory also holds `digests.json`: SHA-256 digests of every file DCP wrote,
+computed from the bytes as they are written and checked from the bytes as they are read
+(`trainer.digests`: no pass of its own over the checkpoint). DCP checks no content: a shard
+damaged after the save (a bit flip on disk, a partial copy between stores) that still decodes
+to finite numbers would otherwise be trained on, silently.
+
+Memory: DCP writes one file per tensor (`single_file_per_rank=False`). Its writer keeps every
+tensor of a file staged until the file is closed (a clone of a table that is a view into
+fbgemm's weights; a host copy of a GPU tensor), so one file per rank would hold a copy of the
+rank's whole shard during every save; one file per tensor holds one tensor at a time.
 
 Readers of another run's checkpoints (a warm start, predict, export) pin the one they picked
 (`ROOT/.readers/`) while they read it: that run's clean-up keeps a pinned checkpoint (a pin is
@@ -47,11 +53,14 @@ import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, Metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter, Metadata
+# DCP's own storage for URIs (what dcp.save picks for one), not exported by the package
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from data.errors import detailed
+from trainer import digests as digesting
 from trainer.deadline import deadline
 from trainer.errors import CheckpointError, CheckpointWriteError, NoCheckpoint
 from trainer.identity import write_atomic
@@ -195,18 +204,18 @@ class CheckpointDir:
     def save(self, dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> str:
         ckpt = self.child(f"step-{step:09d}")
         with deadline("writing checkpoint", ckpt, self.timeout_s):
+            writer = _writer(ckpt)
             try:
-                # a URI selects DCP's fsspec storage, a path its file-system storage
-                dcp.save(_state(dmp, optimizer, step, position, totals), checkpoint_id=ckpt)
+                dcp.save(_state(dmp, optimizer, step, position, totals), storage_writer=writer)
             except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
                 full = "; the disk is full: No space left on device" if self._full() else ""
                 raise CheckpointWriteError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): "
                                            f"{_cause(e)}") from e
-            digests = _digests(ckpt)
+            written = _gathered(writer.fs.written)
             if _is_main():  # after every rank finished its part
                 name = os.path.basename(ckpt)
                 self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}",
-                                  json.dumps(digests, indent=1, sort_keys=True).encode())
+                                  json.dumps(digesting.document(written), sort_keys=True).encode())
                 if self.remote:  # one PUT: readers see the old object or the new one
                     self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
                 else:
@@ -361,9 +370,9 @@ def read_metadata(path: str) -> Dict[str, object]:
     peek = _Peek()
     try:
         with deadline("reading checkpoint", str(path), STORAGE_TIMEOUT_S):
-            dcp.load({}, checkpoint_id=str(path), planner=peek, no_dist=True)
+            dcp.load({}, storage_reader=storage_reader(str(path)), planner=peek, no_dist=True)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
+        raise load_failure(path, e, "reading") from e
     return dict(peek.metadata.state_dict_metadata)
 
 
@@ -372,9 +381,9 @@ def read_progress(path: str) -> Tuple[int, Optional[str]]:
     state = {"progress": _progress(read_metadata(path))}
     try:
         with deadline("reading checkpoint", str(path), STORAGE_TIMEOUT_S):
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+            dcp.load(state, storage_reader=storage_reader(str(path)), no_dist=True)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"reading checkpoint {path} failed: {_cause(e)}") from e
+        raise load_failure(path, e, "reading") from e
     return int(state["progress"]["step"]), _decode(state["progress"].get("position"))
 
 
@@ -384,30 +393,55 @@ def part_of(key: str) -> str:
     return "balancer" if top == "model" and rest.startswith(BALANCER_PREFIX) else top
 
 
+def _writer(ckpt: str) -> FileSystemWriter:
+    """DCP's writer for `ckpt` (its fsspec one for a URI), one file per tensor, digesting."""
+    writer = (FsspecWriter if "://" in ckpt else FileSystemWriter)(ckpt, single_file_per_rank=False)
+    writer.fs = digesting.Digesting(writer.fs, ckpt)
+    return writer
+
+
+def storage_reader(ckpt: str, warn: bool = False) -> FileSystemReader:
+    """DCP's reader for `ckpt`, checking every piece it reads against the save's digests."""
+    reader = (FsspecReader if "://" in str(ckpt) else FileSystemReader)(str(ckpt))
+    doc = _written_digests(str(ckpt), warn)
+    reader.fs = digesting.Digesting(reader.fs, str(ckpt), doc and doc["files"],
+                                    doc["chunk_bytes"] if doc else digesting.CHUNK)
+    return reader
+
+
+def _gathered(mine: Dict[str, dict]) -> Dict[str, dict]:
+    """Every rank's {file: digest entry}, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(mine)
+    gathered: List[Dict[str, dict]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, mine)
+    return {k: v for p in gathered for k, v in p.items()}
+
+
+def _written_digests(ckpt: str, warn: bool) -> Optional[dict]:
+    """The save's digests.json (format 2), or None: no digests (a checkpoint of an earlier
+    release: a warning if `warn`), or whole-file digests of format 1, checked here by reading
+    the files once (`verify_whole`)."""
+    fs, root = fsspec.core.url_to_fs(ckpt)
+    fs.invalidate_cache()
+    try:
+        doc = json.loads(fs.cat_file(f"{root}/{DIGESTS}"))
+    except FileNotFoundError:
+        if warn and _is_main():
+            log.warning("checkpoint %s has no %s (written by an earlier release): its files cannot be checked",
+                        ckpt, DIGESTS)
+        return None
+    if doc.get("format") != digesting.FORMAT:
+        if warn:
+            verify_whole(ckpt, doc)
+        return None
+    return doc
+
+
 def _share(names: Sequence[str]) -> List[str]:
     """This rank's share of a checkpoint's files to hash: every world-th name."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return sorted(names)[rank::world]
-
-
-def _listing(ckpt: str) -> Tuple[object, str, List[str]]:
-    fs, root = fsspec.core.url_to_fs(str(ckpt))
-    fs.invalidate_cache()  # DCP wrote through another client (s3fs caches listings)
-    return fs, root, [os.path.basename(p) for p in fs.ls(root, detail=False) if os.path.basename(p) != DIGESTS]
-
-
-def _digests(ckpt: str) -> Dict[str, List]:
-    """{file name: [sha256 hex, bytes]} of every file of the checkpoint but DIGESTS (the ranks
-    share the hashing; the whole dict on every rank)."""
-    def mine():
-        fs, root, names = _listing(ckpt)
-        return {n: _hash(fs, f"{root}/{n}") for n in _share(names)}
-    parts: List[Dict[str, List]] = [agreed(mine)]  # a rank's failure is every rank's, not a hang
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: List[Dict[str, List]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, parts[0])
-        parts = gathered
-    return {k: v for p in parts for k, v in p.items()}
 
 
 def _hash(fs, path: str) -> List:
@@ -419,17 +453,11 @@ def _hash(fs, path: str) -> List:
     return [h.hexdigest(), size]
 
 
-def verify(path: str) -> None:
-    """On each rank, its share of checkpoint `path`'s files are those the save digested
-    (CheckpointError naming the first that differs; run under `agreed`). A checkpoint written
-    before digests were kept loads with a warning."""
-    fs, root, names = _listing(path)
-    if not fs.isfile(f"{root}/{DIGESTS}"):
-        if _is_main():
-            log.warning("checkpoint %s has no %s (written by an earlier release): its files cannot be checked",
-                        path, DIGESTS)
-        return
-    written = json.loads(fs.cat_file(f"{root}/{DIGESTS}"))
+def verify_whole(path: str, written: Dict[str, List]) -> None:
+    """Format-1 digests (whole files, earlier releases): on each rank, its share of the files
+    are those the save digested (CheckpointError naming the first that differs)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    names = [os.path.basename(p) for p in fs.ls(root, detail=False) if os.path.basename(p) != DIGESTS]
     for name in _share(set(written) | set(names)):
         found = _hash(fs, f"{root}/{name}") if name in names else None
         if found != written.get(name):
@@ -456,7 +484,7 @@ def load(path: str, dmp, optimizer, parts: Sequence[str] = PARTS, timeout_s: flo
 
 
 def _load(path: str, dmp, optimizer, parts: Sequence[str]) -> Loaded:
-    agreed(lambda: verify(path))  # every rank computes the same verdict from the same files
+    reader = agreed(lambda: storage_reader(path, warn=True))  # (format-1 digests: checked here)
     meta = read_metadata(path)
     if "optim" in parts:
         # Dense optimizer state (e.g. Adam's moments) is created lazily at the first step; DCP
@@ -470,9 +498,9 @@ def _load(path: str, dmp, optimizer, parts: Sequence[str]) -> Loaded:
     agreed(lambda: check_fits(path, meta, chosen, parts, _all_ranks(chosen)))
     present = _without_empty(_select(state, chosen))
     try:
-        dcp.load(present, checkpoint_id=str(path))
+        dcp.load(present, storage_reader=reader)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"loading checkpoint {path} failed: {_cause(e)}") from e
+        raise load_failure(path, e) from e
     _merge(state, present)
     agreed(lambda: check_finite(path, present))
     dmp.load_state_dict(state["model"])
@@ -555,6 +583,14 @@ def check_finite(path: str, loaded: dict) -> None:
     if bad:
         raise CheckpointError(detailed(f"checkpoint {path} holds non-finite values in {len(bad)} tensor(s) "
                                        f"(below): not training from it", bad))
+
+
+def load_failure(path: str, e: BaseException, doing: str = "loading") -> CheckpointError:
+    """A failed DCP load as one CheckpointError: a digest's own error as it is (it names the
+    file and bytes), others with the checkpoint and every rank's cause."""
+    found = e if isinstance(e, CheckpointError) else next(
+        (f[0] for f in getattr(e, "failures", {}).values() if isinstance(f[0], CheckpointError)), None)
+    return found or CheckpointError(f"{doing} checkpoint {path} failed: {_cause(e)}")
 
 
 def _cause(e: BaseException) -> str:

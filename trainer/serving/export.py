@@ -32,6 +32,7 @@ from typing import Dict, List
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -124,15 +125,14 @@ def _load(ckpt: str, model: MultiTaskDCN) -> None:
 
 
 def _load_bounded(ckpt: str, model: MultiTaskDCN) -> None:
-    checkpoint.verify(ckpt)
     state = {f"model.model.{k}": v for k, v in model.state_dict().items()}
     meta = checkpoint.read_metadata(ckpt)
     checkpoint.check_fits(ckpt, meta, state, ("model",), set(state))
     nested = {"model": {k[len("model."):]: v for k, v in state.items()}}
     try:
-        dcp.load(nested, checkpoint_id=ckpt, no_dist=True)
-    except Exception as e:  # DCP's failures, named with the checkpoint
-        raise RunError(f"loading checkpoint {ckpt} failed: {type(e).__name__}: {e}") from e
+        dcp.load(nested, storage_reader=checkpoint.storage_reader(ckpt, warn=True), no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP's failures, named with the checkpoint
+        raise checkpoint.load_failure(ckpt, e) from e
     checkpoint.check_finite(ckpt, nested)
     model.load_state_dict({k[len("model.model."):]: v for k, v in state.items()})
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
@@ -20,6 +21,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from balancing import build_balancer
 from balancing.base import DeferredGram, bind_carrier, optimizable
@@ -149,10 +151,30 @@ def make_planner(ebc: EmbeddingBagCollection, optim: OptimConfig, sharding_types
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
 
 
+class NoTableDraws(TorchDispatchMode):
+    """Skips every random draw (`aten.uniform_`) made while DMP builds the tables. torchrec
+    draws each table twice as it shards it, with no option not to (its fused kernel in its
+    constructor, then ShardedEmbeddingBagCollection.reset_parameters with the table's init_fn,
+    which overwrites the first): at 1M rows x 26 tables that is seconds of CPU per rank on every
+    start and restart. `shard` then draws a fresh model's tables once, and none of a model whose
+    tables a checkpoint overwrites (`checkpoint.load` loads every element of them: check_fits)."""
+    skipped = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.uniform_.default:
+            self.skipped += 1
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, trainer: TrainerConfig,
-          env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None) -> DistributedModelParallel:
+          env: DistEnv, batch_size: int, gram: Optional[DeferredGram] = None,
+          tables_loaded: bool = False) -> DistributedModelParallel:
     """Fused embedding optimizer on `ebc` (a submodule of `module`), sharding plan, DMP.
-    `gram`: a balancer's deferred Gram, whose carrier DDP then reduces with the dense gradients."""
+    `gram`: a balancer's deferred Gram, whose carrier DDP then reduces with the dense gradients.
+    The tables are drawn once, from each table's configured init (torchrec's `reset_parameters`),
+    or not at all when `tables_loaded` (`NoTableDraws`). (DMP's `init_parameters` only allocates
+    modules left on meta: the dense parts are built on their device.)"""
     # the planner's memory budget: the real device's memory (its default assumes a smaller GPU)
     hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
     planner = make_planner(ebc, optim, trainer.sharding_types, env.device.type, env.world_size,
@@ -161,7 +183,13 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
-    dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders)
+    with NoTableDraws():
+        dmp = DistributedModelParallel(module=module, device=env.device, plan=plan, sharders=sharders,
+                                       init_parameters=False)
+    if not tables_loaded:
+        for sharded in dmp.modules():
+            if isinstance(sharded, ShardedEmbeddingBagCollection):
+                sharded.reset_parameters()
     bind_carrier(gram, dmp)
     return dmp
 
@@ -178,9 +206,10 @@ def build_pipeline(dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
     return TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
 
 
-def build_training(module: MultiTaskTrain, cfg, env: DistEnv):
-    """module (built by build_train_module) -> (dmp, optimizer, pipeline)."""
+def build_training(module: MultiTaskTrain, cfg, env: DistEnv, tables_loaded: bool = False):
+    """module (built by build_train_module) -> (dmp, optimizer, pipeline); `tables_loaded`: a
+    checkpoint's model will be loaded into it (no random init of the tables)."""
     dmp = shard(module, module.model.ebc, cfg.optim, cfg.trainer, env, cfg.data.batch_size,
-                module.balancer.deferred_gram())
+                module.balancer.deferred_gram(), tables_loaded)
     optimizer = build_optimizer(dmp, cfg.optim)
     return dmp, optimizer, build_pipeline(dmp, optimizer, env)

@@ -577,7 +577,7 @@ def check_finite(path: str, loaded: dict) -> None:
     that overflowed) must not be trained from."""
     bad = []
     for key, value in _flat(loaded):
-        n = sum(int((~torch.isfinite(t)).sum()) for t in _local(value) if t.is_floating_point())
+        n = sum(_non_finite(t) for t in _local(value) if t.is_floating_point())
         if n:
             bad.append(f"{key} ({n} non-finite value(s))")
     if bad:
@@ -591,6 +591,15 @@ def load_failure(path: str, e: BaseException, doing: str = "loading") -> Checkpo
     found = e if isinstance(e, CheckpointError) else next(
         (f[0] for f in getattr(e, "failures", {}).values() if isinstance(f[0], CheckpointError)), None)
     return found or CheckpointError(f"{doing} checkpoint {path} failed: {_cause(e)}")
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    """How many values of `t` are NaN or inf. Its sum first: one vectorised pass at memory speed
+    (~18 GiB per CPU-second here, against 0.24 for counting), finite unless a value is not (or
+    the sum overflows: then the values are counted)."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
 
 
 def _cause(e: BaseException) -> str:

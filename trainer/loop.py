@@ -150,14 +150,15 @@ def _prepare(cfg, env) -> Run:
     agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
     module = build_train_module(cfg.data, cfg.model, cfg.balancer, env.device, tcfg.loss_normalization,
                                 tcfg.precision)
-    if origin.checkpoint is None or "model" not in origin.parts:
+    if not (origin.checkpoint is not None and "model" in origin.parts):
         # a resume or a warm start of the model loads its checkpoint's biases: nothing to set or say here
         bias = head_bias(cfg.model.head_bias_init, train_src.base_rates, cfg.data.tasks)
         if bias is not None:
             module.model.heads.set_output_bias(bias)
         if env.is_main:
             _log_head_bias(cfg, train_src.base_rates, bias)
-    dmp, optimizer, pipeline = build_training(module, cfg, env)
+    loads_model = origin.checkpoint is not None and "model" in origin.parts
+    dmp, optimizer, pipeline = build_training(module, cfg, env, tables_loaded=loads_model)
     ident = identity.identity(cfg, env.world_size, train_src.files, train_src.unit_rows)
     begin = agreed(lambda: start.plan(cfg, origin, ident, train_src, out, ckpts))
     if env.is_main:  # after every rank has read the old one (agreed() gathers)

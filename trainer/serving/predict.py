@@ -62,7 +62,7 @@ def predict(cfg, source: str, data: Sequence[str], out: str, keep: Sequence[str]
     cfg = dataclasses.replace(cfg, data=dcfg)
     module = build_train_module(dcfg, cfg.model, cfg.balancer, env.device, cfg.trainer.loss_normalization,
                                 cfg.trainer.precision)
-    dmp, optimizer, pipeline = build_training(module, cfg, env)
+    dmp, optimizer, pipeline = build_training(module, cfg, env, tables_loaded=True)
     step = checkpoint.load(ckpt, dmp, optimizer, ("model", "balancer"), cfg.trainer.storage_timeout_s).step
     hold.close()
     t_score = time.perf_counter()

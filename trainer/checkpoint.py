@@ -44,6 +44,7 @@ import shutil
 import socket
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,9 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 PARTS = ("model", "optim", "balancer")
@@ -132,8 +133,13 @@ class CheckpointDir:
     """The checkpoints of one run under `root` (a path or a URI). Checkpoints are named by
     their id: the path or URI DCP saves to and loads from."""
 
-    def __init__(self, root: str | Path, keep: int = 0, timeout_s: float = STORAGE_TIMEOUT_S):
+    def __init__(self, root: str | Path, keep: int = 0, timeout_s: float = STORAGE_TIMEOUT_S,
+                 asynchronous: bool = False):
         self.uri, self.keep, self.timeout_s = str(root).rstrip("/"), keep, timeout_s
+        self.asynchronous = asynchronous
+        self._pending: Optional[Future] = None
+        self._save_group = None
+        self._executor: Optional[ThreadPoolExecutor] = None
         self.remote = is_remote(self.uri)
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
 
@@ -202,28 +208,71 @@ class CheckpointDir:
             write_atomic(Path(self.root) / name, text)
 
     def save(self, dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> str:
+        """Saves checkpoint `step`. With `asynchronous`, the state is staged (copied to host
+        memory) and written by a thread while training goes on; `latest` names it once written,
+        and the next save, or `wait`, waits for it first."""
+        self.wait()
         ckpt = self.child(f"step-{step:09d}")
-        with deadline("writing checkpoint", ckpt, self.timeout_s):
-            writer = _writer(ckpt)
-            try:
-                dcp.save(_state(dmp, optimizer, step, position, totals), storage_writer=writer)
-            except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
-                full = "; the disk is full: No space left on device" if self._full() else ""
-                raise CheckpointWriteError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): "
-                                           f"{_cause(e)}") from e
-            written = _gathered(writer.fs.written)
-            if _is_main():  # after every rank finished its part
-                name = os.path.basename(ckpt)
-                self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}",
-                                  json.dumps(digesting.document(written), sort_keys=True).encode())
-                if self.remote:  # one PUT: readers see the old object or the new one
-                    self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
-                else:
-                    write_atomic(Path(self.root) / LATEST, name)
-                self._retain()
-        _barrier()
-        log.info("saved checkpoint %s", ckpt)
+        writer = _writer(ckpt)
+        state = _state(dmp, optimizer, step, position, totals)
+        if not self.asynchronous:
+            with deadline("writing checkpoint", ckpt, self.timeout_s):
+                self._saved(ckpt, lambda: dcp.save(state, storage_writer=writer), writer, None)
+            return ckpt
+        t0 = time.perf_counter()
+        group = self._group()
+        with deadline("staging checkpoint", ckpt, self.timeout_s):
+            staged = self._saving(ckpt, lambda: dcp.async_save(state, storage_writer=writer, process_group=group))
+        self._pending = self._thread().submit(self._finish, ckpt, staged, writer, group)
+        log.info("checkpoint %s staged in %.2f s; written in the background", ckpt, time.perf_counter() - t0)
         return ckpt
+
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background (if any) is complete and named
+        by `latest`; its failure is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _finish(self, ckpt: str, staged, writer, group) -> None:
+        with deadline("writing checkpoint", ckpt, self.timeout_s):
+            self._saved(ckpt, staged.result, writer, group)
+
+    def _saved(self, ckpt: str, write, writer, group) -> None:
+        """write() the checkpoint's files, then its digests, `latest` and the clean-up (rank 0)."""
+        self._saving(ckpt, write)
+        written = _gathered(writer.fs.written, group)
+        if _is_main():  # after every rank finished its part
+            name = os.path.basename(ckpt)
+            self.fs.pipe_file(f"{self.root}/{name}/{DIGESTS}",
+                              json.dumps(digesting.document(written), sort_keys=True).encode())
+            if self.remote:  # one PUT: readers see the old object or the new one
+                self.fs.pipe_file(f"{self.root}/{LATEST}", name.encode())
+            else:
+                write_atomic(Path(self.root) / LATEST, name)
+            self._retain()
+        _barrier(group)
+        log.info("saved checkpoint %s", ckpt)
+
+    def _saving(self, ckpt: str, write):
+        try:
+            return write()
+        except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure into one
+            full = "; the disk is full: No space left on device" if self._full() else ""
+            raise CheckpointWriteError(f"saving checkpoint {ckpt} failed ({self._free()}{full}): "
+                                       f"{_cause(e)}") from e
+
+    def _group(self):
+        """The process group of background saves (gloo, created once, on every rank at the same
+        save): their collectives must not interleave with training's on the default group."""
+        if self._save_group is None and dist.is_initialized():
+            self._save_group = dist.new_group(backend="gloo")
+        return self._save_group
+
+    def _thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mbrec-checkpoint")
+        return self._executor
 
     @contextmanager
     def _lock(self, exclusive: bool) -> Iterator[None]:
@@ -339,9 +388,10 @@ class CheckpointDir:
             return f"free space at {self.root} unknown"
 
 
-def state_bytes(dmp, optimizer) -> int:
-    """This rank's share of a checkpoint, in bytes (local shards of sharded tensors)."""
-    total = 0
+def state_bytes(dmp, optimizer) -> Tuple[int, int]:
+    """This rank's share of a checkpoint and its largest tensor, in bytes (local shards of
+    sharded tensors): a save stages one tensor at a time (see the module's docstring)."""
+    total = largest = 0
     for sd in (dmp.state_dict(), optimizer.state_dict()):
         stack = [sd]
         while stack:
@@ -351,8 +401,10 @@ def state_bytes(dmp, optimizer) -> int:
             elif isinstance(node, (list, tuple)):
                 stack.extend(node)
             else:  # a ShardedTensor's or DTensor's local part, or a tensor
-                total += sum(t.numel() * t.element_size() for t in _local(node))
-    return total
+                for t in _local(node):
+                    total += t.numel() * t.element_size()
+                    largest = max(largest, t.numel() * t.element_size())
+    return total, largest
 
 
 class _Peek(DefaultLoadPlanner):
@@ -409,12 +461,12 @@ def storage_reader(ckpt: str, warn: bool = False) -> FileSystemReader:
     return reader
 
 
-def _gathered(mine: Dict[str, dict]) -> Dict[str, dict]:
+def _gathered(mine: Dict[str, dict], group=None) -> Dict[str, dict]:
     """Every rank's {file: digest entry}, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(mine)
     gathered: List[Dict[str, dict]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group)
     return {k: v for p in gathered for k, v in p.items()}
 
 

@@ -49,6 +49,9 @@ class TrainerConfig:
     save_predictions: bool = False  # write the final eval predictions per rank (.npy)
     keep_checkpoints: int = 3  # the newest K complete checkpoints are kept (0: all)
     checkpoint_dir: str = ""  # "": out_dir/checkpoints; or a path or URI (s3://bucket/run/ckpt)
+    # write checkpoints in the background: training waits only while the state is copied to host
+    # memory (which then holds one more copy of the rank's shard until the files are written)
+    async_checkpoint: bool = False
     # resuming with a config that changes what was trained is refused unless this is true
     # (the keys that fix the data position can never change: see trainer.identity)
     allow_config_change: bool = False

@@ -34,8 +34,8 @@ class _Hashing:
     """A write stream that digests the bytes going through it, CHUNK by CHUNK (DCP writes each
     file front to back: torch.save into a stream, and raw bytes)."""
 
-    def __init__(self, raw):
-        self.raw, self.size, self.pieces = raw, 0, []
+    def __init__(self, raw, chunk: int):
+        self.raw, self.chunk, self.size, self.pieces = raw, chunk, 0, []
         self._h = hashlib.sha256()
 
     def write(self, b) -> int:
@@ -44,11 +44,11 @@ class _Hashing:
         n = len(view) if n is None else n  # (buffered streams write everything or raise)
         done = 0
         while done < n:
-            take = min(CHUNK - self.size % CHUNK, n - done)
+            take = min(self.chunk - self.size % self.chunk, n - done)
             self._h.update(view[done:done + take])
             done += take
             self.size += take
-            if self.size % CHUNK == 0:
+            if self.size % self.chunk == 0:
                 self.pieces.append(self._h.hexdigest())
                 self._h = hashlib.sha256()
         return n
@@ -57,7 +57,7 @@ class _Hashing:
         return self.raw.tell()
 
     def entry(self) -> dict:
-        tail = [self._h.hexdigest()] if self.size % CHUNK or not self.pieces else []
+        tail = [self._h.hexdigest()] if self.size % self.chunk or not self.pieces else []
         return {"bytes": self.size, "sha256": self.pieces + tail}
 
     def __getattr__(self, name):  # flush, fileno (fsync), close, writable ...
@@ -139,7 +139,7 @@ class Digesting:
         name = _name(path)
         with self.inner.create_stream(path, mode) as raw:
             if "w" in mode:
-                stream = _Hashing(raw)
+                stream = _Hashing(raw, self.chunk)
                 yield stream
                 with self._lock:
                     self.written[name] = stream.entry()
@@ -161,6 +161,6 @@ class Digesting:
         return getattr(self.inner, name)
 
 
-def document(written: Dict[str, dict]) -> dict:
+def document(written: Dict[str, dict], chunk: int = CHUNK) -> dict:
     """digests.json's content for the files every rank wrote."""
-    return {"format": FORMAT, "chunk_bytes": CHUNK, "files": written}
+    return {"format": FORMAT, "chunk_bytes": chunk, "files": written}

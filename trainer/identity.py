@@ -30,7 +30,7 @@ RECORDS = ("parent", "architecture", "checkpoints", "embedding_order", "dense_st
 FREE = ("data.eval", "synth.", "trainer.out_dir", "trainer.epochs", "trainer.max_steps", "trainer.eval_every",
         "trainer.log_every", "trainer.checkpoint_every", "trainer.checkpoint_at_end", "trainer.resume",
         "trainer.progress_bar", "trainer.save_predictions", "trainer.keep_checkpoints", "trainer.checkpoint_dir",
-        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.storage_timeout_s", "trainer.check_every", "trainer.device",
+        "trainer.allow_config_change", "trainer.pg_timeout_s", "trainer.storage_timeout_s", "trainer.async_checkpoint", "trainer.check_every", "trainer.device",
         "trainer.partial_units", "data.unlabelled", "data.eval_group",
         "model.head_bias_init")  # (read at a fresh start only: a resumed model's biases are its checkpoint's)
 # keys added after run.json files were first written: a record without one was trained with this value

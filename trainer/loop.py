@@ -29,7 +29,7 @@ from trainer.checkpoint import CheckpointDir
 from trainer.errors import AlreadyFinished, RunError
 from trainer.guard import NonFiniteGuard
 from trainer.metrics import Evaluator
-from trainer.preflight import agreed, check_data, check_disk, check_id_kinds, check_writable, on_main
+from trainer.preflight import agreed, check_data, check_disk, check_memory, check_id_kinds, check_writable, on_main
 from trainer.precision import precision_context
 from trainer.run_log import RunLog
 
@@ -129,6 +129,7 @@ def train(cfg) -> Dict:
         step, t_train = _train_steps(run, cfg.trainer, env, runlog, desc=f"train {cfg.balancer.method}")
         save_preds = run.out / f"eval_predictions.rank{env.rank}.npy" if cfg.trainer.save_predictions else None
         final = evaluate(run.pipeline, run.dmp, run.eval_src, env, run.tasks, save_preds)
+    run.ckpts.wait()  # (trainer.async_checkpoint: the final checkpoint, written during the eval)
     summary = _summary(cfg, env, step, final, run, t_train + float(run.carried[-1]), balancer)
     summary["start"] = run.start
     runlog.write("eval", step, _flat(final))
@@ -144,7 +145,8 @@ def _prepare(cfg, env) -> Run:
     """Checks (agreed across ranks) -> where the run starts from -> data sources -> model, DMP,
     pipeline -> the start (checked against this run) -> the checkpoint's parts loaded."""
     out, tasks, tcfg = Path(cfg.trainer.out_dir), cfg.data.task_names, cfg.trainer
-    ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints, tcfg.storage_timeout_s)
+    ckpts = CheckpointDir(tcfg.checkpoint_dir or out / "checkpoints", tcfg.keep_checkpoints, tcfg.storage_timeout_s,
+                          tcfg.async_checkpoint)
     origin = on_main(lambda: start.find_origin(cfg, out, ckpts))
     train_src, eval_src = _sources(cfg, env, origin.transforms)
     agreed(lambda: (check_writable(out), ckpts.prepare(), check_data(train_src, eval_src, tasks)))
@@ -175,9 +177,12 @@ def _prepare(cfg, env) -> Run:
         if origin.kind == "resume" and loaded.totals is not None:
             carried = loaded.totals
         log.info("%s %s", "resumed from" if origin.kind == "resume" else "warm start from", origin.checkpoint)
-    if (tcfg.checkpoint_every or tcfg.checkpoint_at_end) and not ckpts.remote:
-        agreed(lambda: check_disk(Path(ckpts.root), checkpoint.state_bytes(dmp, optimizer), env.local_world_size,
-                                  tcfg.keep_checkpoints))
+    if tcfg.checkpoint_every or tcfg.checkpoint_at_end:
+        shard_bytes, largest = checkpoint.state_bytes(dmp, optimizer)
+        agreed(lambda: check_memory(largest + (shard_bytes if tcfg.async_checkpoint else 0), env.local_world_size,
+                                    tcfg.async_checkpoint))
+        if not ckpts.remote:
+            agreed(lambda: check_disk(Path(ckpts.root), shard_bytes, env.local_world_size, tcfg.keep_checkpoints))
     return Run(out, tasks, ckpts, train_src, eval_src, begin.total, dmp, optimizer, pipeline, begin.step,
                begin.timeline, begin.summary, carried)
 

@@ -121,6 +121,39 @@ def check_disk(root: Path, rank_bytes: int, ranks_here: int, keep: int) -> None:
                     root, _size(free), keep + 1, _size((keep + 1) * need))
 
 
+def check_memory(rank_bytes: int, ranks_here: int, asynchronous: bool) -> None:
+    """Host memory for what a save stages on each rank of this machine (`rank_bytes`: its
+    largest tensor; with trainer.async_checkpoint, its whole shard besides), beyond what the
+    ranks hold now: a save that does not fit would be killed hours into the run."""
+    free = available_memory()
+    need = rank_bytes * ranks_here
+    if free is not None and free < 1.1 * need:
+        what = "a copy of its shard and its largest tensor" if asynchronous else "its largest tensor"
+        hint = " (or set trainer.async_checkpoint = false)" if asynchronous else ""
+        raise RunError(f"host memory: {_size(free)} available, a checkpoint save stages {what} on each of the "
+                       f"{ranks_here} rank(s) on this machine: about {_size(need)}; free memory or run on more "
+                       f"machines{hint}")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process may still allocate: the system's MemAvailable, or less under a cgroup
+    (v2) memory limit (a container, a Slurm job); None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:  # this process's cgroup: "0::/PATH" (v2)
+        where = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip().lstrip("/")
+        limit = (where / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((where / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
+
+
 def _size(n: float) -> str:
     """GiB, or MiB where GiB would round to 0."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 100 else f"{n / 2**20:.2f} MiB"

@@ -111,8 +111,8 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from trainer.serving.export import export
-    manifest = export(args.source, args.out, args.dtype)
-    print(json.dumps({k: manifest[k] for k in ("checkpoint", "step", "embedding_dtype", "bytes")}))
+    manifest = export(args.source, args.out, args.dtype, args.layout)
+    print(json.dumps({k: manifest[k] for k in ("checkpoint", "step", "layout", "embedding_dtype", "bytes")}))
     return 0
 
 
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="a run directory, checkpoint directory or step-N checkpoint (path or URI)")
     sp.add_argument("--out", required=True, help="the artifact's directory")
     sp.add_argument("--dtype", default="int8", choices=["int8", "fp16", "fp32"], help="embedding tables' dtype")
+    sp.add_argument("--layout", default="single", choices=["single", "sharded"],
+                    help="single: one TorchScript file (the model must fit one host's memory); sharded: the dense "
+                         "part as TorchScript and each table as row-range shards (docs/serving.md)")
     sp.set_defaults(fn=cmd_export)
     sp = add("demo", cmd_demo, config_required=False)
     sp.add_argument("-j", default=None, help="NNODESxNPROC_PER_NODE (default: 1x2, or 1xGPUs up to 2)")

@@ -128,6 +128,10 @@ class MultiTaskDCN(nn.Module):
         # A sharded EBC returns its features grouped by the rank that holds them, an order that
         # depends on the sharding plan: regrouped, a model means the same on any world size.
         emb = KeyedTensor.regroup([self.ebc(sparse)], [self.emb_order])[0]  # [B, F * d], table order
+        return self.interaction(emb, dense)
+
+    def interaction(self, emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """emb [B, F * d] (the features' pooled embeddings in `emb_order`), dense [B, D] -> [B, n']."""
         x = torch.cat([emb, self.dense_arch(dense)], dim=1)  # [B, F * d + n_dense]
         return self.shared(self.cross(x))  # [B, n']
 

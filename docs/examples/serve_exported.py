@@ -1,5 +1,5 @@
-"""Scoring with an artifact of `mbrec export`, without mbrec: torch, torchrec (fbgemm's kernels),
-numpy and pyarrow only.
+"""Scoring with an artifact of `mbrec export`, without mbrec: torch, torchrec (fbgemm's kernels;
+a sharded artifact needs none), numpy and pyarrow only.
 
     python docs/examples/serve_exported.py ARTIFACT_DIR rows.parquet [--out preds.npy]
 
@@ -22,10 +22,16 @@ import torchrec  # noqa: F401  (registers fbgemm's operators, which the TorchScr
 
 
 def load(artifact: str):
+    """(model, manifest, the artifact's id mapping): a single file's model.pt, or a sharded
+    artifact's reference loader (its load_sharded.py), which take the same inputs."""
     folder = Path(artifact)
     sys.path.insert(0, str(folder))  # the artifact's hashing.py: ids mapped as in training
     import hashing
-    return torch.jit.load(str(folder / "model.pt")), json.loads((folder / "manifest.json").read_text()), hashing
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("layout") == "sharded":
+        from load_sharded import ShardedModel
+        return ShardedModel(str(folder)), manifest, hashing
+    return torch.jit.load(str(folder / manifest["model"])), manifest, hashing
 
 
 def _ids(col: pa.ChunkedArray, rows: int, mapping: str, hashing):

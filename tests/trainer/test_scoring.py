@@ -183,10 +183,11 @@ def test_exported_artifact_scores_as_the_trainer_without_mbrec(scored, tmp_path)
     rows = raw["data"]["eval"][0] + "/part-00000.parquet"
     m = len(TASKS)
     measured = {}
-    for dtype in ("fp32", "int8"):
-        manifest = export(str(run), str(tmp_path / dtype), dtype)
-        assert manifest["step"] == 8 and manifest["embedding_dtype"] == dtype
-        got, report = _serve(tmp_path / dtype, rows, tmp_path)
+    for layout, dtype in (("single", "fp32"), ("single", "int8"), ("sharded", "fp32"), ("sharded", "int8")):
+        artifact = tmp_path / f"{layout}-{dtype}"
+        manifest = export(str(run), str(artifact), dtype, layout)
+        assert manifest["step"] == 8 and manifest["embedding_dtype"] == dtype and manifest["layout"] == layout
+        got, report = _serve(artifact, rows, tmp_path)
         assert report["mbrec_modules_loaded"] == [] and report["rows"] == ev.num_rows
         if dtype == "fp32":
             np.testing.assert_allclose(got, want[:, :m], rtol=0, atol=1e-5)
@@ -197,8 +198,8 @@ def test_exported_artifact_scores_as_the_trainer_without_mbrec(scored, tmp_path)
             auc_a, auc_b = _auc(want[:, j], y, w), _auc(got[:, j], y, w)
             ne_a = normalized_entropy(want[keep, j], y[keep])
             ne_b = normalized_entropy(got[keep, j], y[keep])
-            measured[t] = (auc_b - auc_a, (ne_b - ne_a) / ne_a)
-            assert abs(auc_b - auc_a) < 0.002 and abs(ne_b - ne_a) / ne_a < 0.002, (t, measured[t])
+            measured[layout, t] = (auc_b - auc_a, (ne_b - ne_a) / ne_a)
+            assert abs(auc_b - auc_a) < 0.002 and abs(ne_b - ne_a) / ne_a < 0.002, (t, measured[layout, t])
     print("int8 vs fp32 (AUC difference, relative NE difference):", measured)
 
 
@@ -210,7 +211,9 @@ def test_export_refuses_what_it_cannot_do(scored, tmp_path):
         export(str(tmp_path / "nothing"), str(tmp_path / "a"))
     export(raw["trainer"]["out_dir"], str(tmp_path / "b"), "fp32")
     with pytest.raises(RunError, match="already holds an export"):
-        export(raw["trainer"]["out_dir"], str(tmp_path / "b"), "fp32")
+        export(raw["trainer"]["out_dir"], str(tmp_path / "b"), "fp32", "sharded")
+    with pytest.raises(RunError, match="--layout must be one of"):
+        export(raw["trainer"]["out_dir"], str(tmp_path / "c"), "fp32", "pieces")
 
 
 def test_grouped_auc_and_calibration_equal_numpy_on_uneven_ranks(scored):

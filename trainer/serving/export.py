@@ -28,12 +28,14 @@ import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torchrec.modules.embedding_configs import DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data import hashing
@@ -45,7 +47,35 @@ from trainer.deadline import deadline
 from trainer.errors import RunError
 
 log = logging.getLogger(__name__)
-DTYPES = {"int8": torch.qint8, "fp16": torch.half, "fp32": None}
+DTYPES = ("int8", "fp16", "fp32")
+QUANT_TYPES = {"int8": DataType.INT8, "fp16": DataType.FP16}
+LAYOUTS = ("single", "sharded")
+TABLE_PREFIX = "model.model.ebc.embedding_bags."  # a table's key in a checkpoint: PREFIX<table>.weight
+TABLE_NAME_PREFIX = "t_"  # models.mtl.build_ebc's table names: t_<data table>
+SHARD_BYTES = 256 * 2**20  # a sharded artifact's table shards hold at most this many bytes
+
+
+class DenseTransforms(nn.Module):
+    """data.transforms with the run's fitted numbers: raw dense [B, D] (NaN for a null) -> [B, D]."""
+
+    def __init__(self, stats: Dict):
+        super().__init__()
+        clip = [c or [float("-inf"), float("inf")] for c in stats["clip"]]
+        std = ["standardize" in k for k in stats["kinds"]]
+        f32 = dict(dtype=torch.float32)
+        self.register_buffer("lo", torch.tensor([c[0] for c in clip], **f32))  # [D]
+        self.register_buffer("hi", torch.tensor([c[1] for c in clip], **f32))
+        self.register_buffer("log", torch.tensor(["log1p" in k for k in stats["kinds"]], dtype=torch.bool))
+        self.register_buffer("shift", torch.tensor([m if s else 0.0 for m, s in zip(stats["mean"], std)], **f32))
+        self.register_buffer("scale", torch.tensor([1.0 / sd if s else 1.0 for sd, s in zip(stats["std"], std)], **f32))
+        self.register_buffer("fill", torch.tensor(stats["fill"], **f32).reshape(1, -1))  # [1, D]
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        # data.transforms, in its order: clip, signed log1p, standardize; nulls filled after
+        x = torch.minimum(torch.maximum(dense, self.lo), self.hi)
+        x = torch.where(self.log, torch.sign(x) * torch.log1p(torch.abs(x)), x)
+        x = (x - self.shift) * self.scale
+        return torch.where(torch.isfinite(dense), x, self.fill.expand_as(x))  # [B, D]
 
 
 class Served(nn.Module):
@@ -56,28 +86,30 @@ class Served(nn.Module):
         super().__init__()
         self.model = model
         self.keys = keys
-        clip = [c or [float("-inf"), float("inf")] for c in stats["clip"]]
-        std = ["standardize" in k for k in stats["kinds"]]
-        f32 = dict(dtype=torch.float32)
-        self.register_buffer("lo", torch.tensor([c[0] for c in clip], **f32))  # [D]
-        self.register_buffer("hi", torch.tensor([c[1] for c in clip], **f32))
-        self.register_buffer("log", torch.tensor(["log1p" in k for k in stats["kinds"]], dtype=torch.bool))
-        self.register_buffer("shift", torch.tensor([m if s else 0.0 for m, s in zip(stats["mean"], std)], **f32))
-        self.register_buffer("scale", torch.tensor([1.0 / sd if s else 1.0 for sd, s in zip(stats["std"], std)], **f32))
-        self.register_buffer("fill", torch.tensor(stats["fill"], **f32).reshape(1, -1))  # [1, D]
+        self.transforms = DenseTransforms(stats)
         self.register_buffer("regression", torch.tensor(regression, dtype=torch.bool))  # [M]
         self.num_tasks = len(regression)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # data.transforms, in its order: clip, signed log1p, standardize; nulls filled after
-        x = torch.minimum(torch.maximum(dense, self.lo), self.hi)
-        x = torch.where(self.log, torch.sign(x) * torch.log1p(torch.abs(x)), x)
-        x = (x - self.shift) * self.scale
-        x = torch.where(torch.isfinite(dense), x, self.fill.expand_as(x))  # [B, D]
         kjt = KeyedJaggedTensor.from_lengths_sync(self.keys, values, lengths)
-        h = self.model.representation(x, kjt)  # [B, n']
+        return self.outputs(self.model.representation(self.transforms(dense), kjt))
+
+    def outputs(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, n'] -> per task a probability (binary) or a value (regression) [B, M]."""
         logits = self.model.task_logits(h.unsqueeze(0).expand(self.num_tasks, h.shape[0], h.shape[1]))  # [B, M]
         return torch.where(self.regression, logits, torch.sigmoid(logits))
+
+
+class DenseServed(nn.Module):
+    """A sharded artifact's dense part: raw dense [B, D] and the features' pooled embeddings
+    [B, F * d] (in the manifest's `embedding_order`) -> [B, M]. Traced, it holds no table."""
+
+    def __init__(self, served: Served):
+        super().__init__()
+        self.served = served
+
+    def forward(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.served.outputs(self.served.model.interaction(emb, self.served.transforms(dense)))
 
 
 def config_of(record: Dict) -> Dict:
@@ -92,64 +124,144 @@ def config_of(record: Dict) -> Dict:
     return out
 
 
-def export(source: str, out: str, dtype: str = "int8") -> Dict:
-    """Writes the artifact to `out`; returns its manifest."""
+def export(source: str, out: str, dtype: str = "int8", layout: str = "single") -> Dict:
+    """Writes the artifact to `out` (`layout`: "single", one TorchScript file; "sharded", the
+    dense part as TorchScript and the tables as row-range shards); returns its manifest."""
     if dtype not in DTYPES:
         raise RunError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise RunError(f"--layout must be one of {list(LAYOUTS)}, got {layout!r}")
     t0 = time.perf_counter()
     with ExitStack() as hold:  # the checkpoint pinned against its run's clean-up while it is read
         ckpt, record, stats = start.trained_run(source, "export", hold=hold)
         sections = config_of(record)
         dcfg, mcfg = from_dict(DataConfig, sections["data"]), from_dict(ModelConfig, sections["model"])
-        model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("cpu"),
-                                       mcfg.embedding_precision), len(dcfg.dense), len(dcfg.tasks), mcfg,
-                             torch.device("cpu"))
-        _load(ckpt, model)
-    served = Served(model, [f.name for f in dcfg.sparse], stats, [t.kind == "regression" for t in dcfg.tasks]).eval()
-    scripted = _script(served, DTYPES[dtype])
-    folder = _prepare_out(out)
-    scripted.save(str(folder / "model.pt"))
+        folder = _prepare_out(out)
+        with deadline("reading checkpoint", ckpt, checkpoint.STORAGE_TIMEOUT_S):
+            # the tables on meta: each is read (and quantized, or written) when its turn comes
+            model = MultiTaskDCN(build_ebc(dcfg.table_specs(), mcfg.embedding_dim, torch.device("meta"),
+                                           mcfg.embedding_precision), len(dcfg.dense), len(dcfg.tasks), mcfg,
+                                 torch.device("cpu"))
+            tables = Tables(ckpt, model)
+            served = Served(model, [f.name for f in dcfg.sparse], stats, [t.kind == "regression" for t in dcfg.tasks])
+            extra = (write_single if layout == "single" else write_sharded)(served.eval(), tables, dtype, folder)
     shutil.copy(hashing.__file__, folder / "hashing.py")
-    manifest = _manifest(dcfg, stats, record, ckpt, dtype)
+    manifest = {**_manifest(dcfg, stats, record, ckpt, dtype), **extra}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    size = sum(p.stat().st_size for p in folder.iterdir())
-    log.info("exported %s (%s tables) to %s: %.1f MB in %.1f s", ckpt, dtype, out, size / 2**20, time.perf_counter() - t0)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    log.info("exported %s (%s tables, %s) to %s: %.1f MB in %.1f s", ckpt, dtype, layout, out, size / 2**20,
+             time.perf_counter() - t0)
     return {**manifest, "bytes": size}
 
 
-def _load(ckpt: str, model: MultiTaskDCN) -> None:
-    """The checkpoint's model tensors, whole, into `model` (DCP gathers the shards), checked to
-    fit and to be finite; its files first checked against their digests."""
-    with deadline("reading checkpoint", ckpt, checkpoint.STORAGE_TIMEOUT_S):
-        _load_bounded(ckpt, model)
+class Tables:
+    """A checkpoint's model, read a part at a time (digest-checked, shapes checked against the
+    model first, finite): the dense part at once, each table on its own when asked for."""
+
+    def __init__(self, ckpt: str, model: MultiTaskDCN):
+        self.ckpt = ckpt
+        state = {f"model.model.{k}": v for k, v in model.state_dict().items()}
+        checkpoint.check_fits(ckpt, checkpoint.read_metadata(ckpt), state, ("model",), set(state))
+        self.configs = list(model.ebc.embedding_bag_configs())
+        dense = {k: v for k, v in state.items() if not k.startswith(TABLE_PREFIX)}
+        self._read(dense)
+        model.load_state_dict({k[len("model.model."):]: v for k, v in dense.items()}, strict=False)
+
+    def weight(self, name: str, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Table `name` [rows, dim] (into `into`, else a new tensor of `dtype`)."""
+        cfg = next(c for c in self.configs if c.name == name)
+        t = into if into is not None else torch.empty(cfg.num_embeddings, cfg.embedding_dim, dtype=dtype)
+        self._read({f"{TABLE_PREFIX}{name}.weight": t})
+        return t
+
+    def _read(self, flat: Dict[str, torch.Tensor]) -> None:
+        try:
+            dcp.load(flat, storage_reader=checkpoint.storage_reader(self.ckpt, warn=not hasattr(self, "_warned")),
+                     no_dist=True)
+        except (Exception, CheckpointException) as e:  # DCP's failures, named with the checkpoint
+            raise checkpoint.load_failure(self.ckpt, e) from e
+        self._warned = True
+        checkpoint.check_finite(self.ckpt, flat)
 
 
-def _load_bounded(ckpt: str, model: MultiTaskDCN) -> None:
-    state = {f"model.model.{k}": v for k, v in model.state_dict().items()}
-    meta = checkpoint.read_metadata(ckpt)
-    checkpoint.check_fits(ckpt, meta, state, ("model",), set(state))
-    nested = {"model": {k[len("model."):]: v for k, v in state.items()}}
-    try:
-        dcp.load(nested, storage_reader=checkpoint.storage_reader(ckpt, warn=True), no_dist=True)
-    except (Exception, CheckpointException) as e:  # DCP's failures, named with the checkpoint
-        raise checkpoint.load_failure(ckpt, e) from e
-    checkpoint.check_finite(ckpt, nested)
-    model.load_state_dict({k[len("model.model."):]: v for k, v in state.items()})
+class _OneTable:
+    """The one table torchrec's `quantize_state_dict` quantizes at a time (it reads a module's
+    state_dict: keys `...<table>.weight`)."""
+
+    def __init__(self, name: str, weight: torch.Tensor):
+        self.items = {f"embedding_bags.{name}.weight": weight}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.items
 
 
-def _script(served: Served, dtype) -> torch.jit.ScriptModule:
-    """Quantized tables (TorchRec's inference quantization), torchrec.fx trace, TorchScript."""
+def write_single(served: Served, tables: Tables, dtype: str, folder: Path) -> Dict:
+    """model.pt: the whole model as TorchScript. fp32: the tables read into the model one by
+    one; int8 / fp16: each read, quantized (TorchRec's inference quantization, row-wise) and let
+    go before the next, so the peak is the quantized model plus one float table."""
     import torchrec.fx
-    from torchrec.inference.modules import quantize_embeddings
-    if dtype is not None:
-        served = quantize_embeddings(served, dtype=dtype, inplace=True)
-    return torch.jit.script(torchrec.fx.symbolic_trace(served))
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC, quantize_state_dict
+    ebc = served.model.ebc
+    if dtype == "fp32":
+        ebc.to_empty(device=torch.device("cpu"))  # (no init: every table is read next)
+        for name, bag in ebc.embedding_bags.items():
+            tables.weight(name, bag.weight.dtype, into=bag.weight.data)
+    else:
+        kind = QUANT_TYPES[dtype]
+        configs = [dataclasses.replace(c, data_type=kind) for c in ebc.embedding_bag_configs()]
+        weights: Dict[str, tuple] = {}
+        for c in configs:
+            quantize_state_dict(_OneTable(c.name, tables.weight(c.name, torch.float32)), weights, {c.name: kind})
+        served.model.ebc = QuantEBC(configs, ebc.is_weighted(), torch.device("cpu"), output_dtype=torch.float,
+                                    table_name_to_quantized_weights=weights)
+        del weights
+    torch.jit.script(torchrec.fx.symbolic_trace(served)).save(str(folder / "model.pt"))
+    return {"layout": "single", "model": "model.pt"}
+
+
+def write_sharded(served: Served, tables: Tables, dtype: str, folder: Path) -> Dict:
+    """dense.pt (TorchScript of DenseServed) and each table, read one at a time, as row-range
+    shards under tables/<table>/ (docs/serving.md has the format); the manifest's part."""
+    import torchrec.fx
+    torch.jit.script(torchrec.fx.symbolic_trace(DenseServed(served).eval())).save(str(folder / "dense.pt"))
+    out = {}
+    for c in tables.configs:
+        name = c.name[len(TABLE_NAME_PREFIX):]
+        out[name] = _write_table(folder / "tables" / name, tables.weight(c.name, torch.float32), dtype,
+                                 c.pooling.name.lower())
+    loader = Path(__file__).with_name("load_sharded.py")
+    shutil.copy(loader, folder / loader.name)
+    return {"format": "mbrec-served-sharded/1", "layout": "sharded", "dense_model": "dense.pt",
+            "loader": loader.name, "embedding_order": list(served.model.emb_order), "tables": out}
+
+
+def _write_table(where: Path, weight: torch.Tensor, dtype: str, pooling: str) -> Dict:
+    """weight [rows, dim] float32 -> shards of at most SHARD_BYTES: int8 as `codes` uint8
+    [n, dim] and `scale_bias` float16 [n, 2] (value = code * scale + bias: fbgemm's row-wise
+    8-bit quantization, as the single file's); fp16 / fp32 as `values` [n, dim]."""
+    where.mkdir(parents=True)
+    rows, dim = weight.shape
+    per = max(1, SHARD_BYTES // (dim * {"int8": 1, "fp16": 2, "fp32": 4}[dtype]))
+    shards = []
+    for begin in range(0, rows, per):
+        part, stem = weight[begin:begin + per].contiguous(), f"{begin:012d}-{min(rows, begin + per):012d}"
+        if dtype == "int8":
+            fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(part, 8)  # [n, dim + 4] uint8
+            arrays = {"codes": fused[:, :dim], "scale_bias": fused[:, dim:].contiguous().view(torch.float16)}
+        else:
+            arrays = {"values": part.half() if dtype == "fp16" else part}
+        files = {}
+        for kind, array in arrays.items():
+            files[kind] = f"tables/{where.name}/{stem}.{kind}.npy"
+            np.save(where / f"{stem}.{kind}.npy", array.contiguous().numpy())
+        shards.append({"rows": [begin, min(rows, begin + per)], "files": files})
+    return {"rows": rows, "dim": dim, "dtype": dtype, "pooling": pooling, "shards": shards}
 
 
 def _prepare_out(out: str) -> Path:
     folder = Path(out)
-    if (folder / "model.pt").exists():
-        raise RunError(f"--out {out} already holds an export (model.pt): use a new --out, or remove it")
+    if (folder / "manifest.json").exists() or (folder / "model.pt").exists():
+        raise RunError(f"--out {out} already holds an export: use a new --out, or remove it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ".probe").write_bytes(b"0")
@@ -170,7 +282,7 @@ def _manifest(dcfg: DataConfig, stats: Dict, record: Dict, ckpt: str, dtype: str
                              "string": "hashing.hash_strings(ids, rows) (mbrec-hash64)",
                              "integer": "as is in [0, rows); outside it hashing.hash_ids(ids, rows)"
                              if dcfg.id_policy == "hash" else "as is in [0, rows); outside it an error"}})
-    return {"format": "mbrec-served/1", "model": "model.pt", "embedding_dtype": dtype,
+    return {"format": "mbrec-served/1", "embedding_dtype": dtype,
             "inputs": {"dense": {"columns": list(dcfg.dense), "transforms": stats, "dtype": "float32 [B, D]"},
                        "values": "int64 [L]: table rows, feature-major in sparse order",
                        "lengths": "int32 [F * B]: ids per (feature, row), feature-major",

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,8 @@ from torch import nn
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ShardingPlan
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -133,22 +135,67 @@ def head_bias(init: str, rates: Sequence[Optional[float]], tasks: Sequence) -> O
     return out.float()
 
 
-def make_planner(ebc: EmbeddingBagCollection, optim: OptimConfig, sharding_types: List[str], device_type: str,
-                 world_size: int, local_world_size: int, batch_size: int,
-                 hbm_bytes: Optional[int] = None) -> EmbeddingShardingPlanner:
-    """The fused embedding optimizer on `ebc` (the planner sizes its state) and the planner for
-    a topology, real (training) or simulated (`mbrec plan`). On CPU: table-wise by default."""
+# HBM a rank cannot give to tables, optimizer state and activations: the CUDA context, NCCL's
+# buffers and fbgemm's workspaces (about 0.5, 1-2 and 1 GiB on an 8-GPU H100 node), rounded up
+HBM_RESERVE = 4 * 2**30
+
+
+def usable_hbm(total_bytes: int) -> int:
+    """A GPU's memory as the hardware states it (bytes: "80 GB" is 80e9) less HBM_RESERVE."""
+    return max(0, total_bytes - HBM_RESERVE)
+
+
+def sharding_choices(configured: List[str], dims: Sequence[int], world_size: int,
+                     device_type: str) -> List[Tuple[List[str], Optional[int]]]:
+    """(sharding types, column-wise shard width) the planner may use, in the order tried (the
+    next if the planner finds no plan): trainer.sharding_types if set. Else on a CPU table-wise
+    (torchrec plans no row-wise kernel with gloo). On GPUs with fewer tables than GPUs, the
+    tables are first split column-wise into shards of `width` columns, about 8 per GPU: torchrec's
+    own choice left 6 of 32 GPUs without a table at 4 x 8 with 26 tables (the others 1.23x their
+    share); column shards load every GPU (1.08x at 4 x 8 and 16 x 8) and, unlike row-wise ones,
+    hold only their columns of the global batch's lookups (row-wise over 128 GPUs: 27 GiB per
+    GPU). Then torchrec's choice among all."""
+    if configured:
+        return [(configured, None)]
+    if device_type == "cpu":
+        return [(["table_wise"], None)]
+    if len(dims) >= world_size:
+        return [([], None)]
+    width = max(4, sum(dims) // (8 * world_size) // 4 * 4)  # fbgemm: columns in multiples of 4
+    return [(["column_wise"], width), ([], None)]
+
+
+def fuse_sparse_optimizer(ebc: EmbeddingBagCollection, optim: OptimConfig) -> None:
+    """The fused embedding optimizer on `ebc`'s tables (the planner sizes its state)."""
     sparse_cls = SPARSE_OPTIMIZERS[optim.sparse]
     kwargs: Dict[str, float] = {"lr": optim.sparse_lr}
     if optim.sparse != "sgd":
         kwargs["eps"] = optim.eps
     apply_optimizer_in_backward(sparse_cls, ebc.parameters(), kwargs)
-    sharding_types = sharding_types or (["table_wise"] if device_type == "cpu" else [])
-    constraints = {cfg.name: ParameterConstraints(sharding_types=sharding_types)
-                   for cfg in ebc.embedding_bag_configs()} if sharding_types else None
+
+
+def plan_tables(module: nn.Module, ebc: EmbeddingBagCollection, configured: List[str], device_type: str,
+                world_size: int, local_world_size: int, batch_size: int, hbm_bytes: Optional[int] = None,
+                group=None) -> ShardingPlan:
+    """torchrec's plan for a topology, real (`group`: planned collectively, every rank the same)
+    or simulated (`mbrec plan`); `hbm_bytes`: usable per GPU (usable_hbm)."""
+    configs = ebc.embedding_bag_configs()
+    choices = sharding_choices(configured, [c.embedding_dim for c in configs], world_size, device_type)
     topology = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device_type,
                         **({"hbm_cap": hbm_bytes} if hbm_bytes else {}))
-    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+    for i, (types, width) in enumerate(choices):
+        constraints = {c.name: ParameterConstraints(sharding_types=types, min_partition=width)
+                       for c in configs} if types else None
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+        try:
+            if group is not None:
+                return planner.collective_plan(module, get_default_sharders(), group)
+            return planner.plan(module, get_default_sharders())
+        except PlannerError:
+            if i == len(choices) - 1:
+                raise
+            log.info("no plan with sharding types %s; trying %s", types, choices[i + 1][0] or "torchrec's choice")
+    raise AssertionError("unreachable")
 
 
 class NoTableDraws(TorchDispatchMode):
@@ -176,11 +223,11 @@ def shard(module: nn.Module, ebc: EmbeddingBagCollection, optim: OptimConfig, tr
     or not at all when `tables_loaded` (`NoTableDraws`). (DMP's `init_parameters` only allocates
     modules left on meta: the dense parts are built on their device.)"""
     # the planner's memory budget: the real device's memory (its default assumes a smaller GPU)
-    hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
-    planner = make_planner(ebc, optim, trainer.sharding_types, env.device.type, env.world_size,
-                           env.local_world_size, batch_size, hbm)
+    hbm = usable_hbm(torch.cuda.get_device_properties(env.device).total_memory) if env.device.type == "cuda" else None
+    fuse_sparse_optimizer(ebc, optim)
+    plan = plan_tables(module, ebc, trainer.sharding_types, env.device.type, env.world_size, env.local_world_size,
+                       batch_size, hbm, dist.GroupMember.WORLD)
     sharders: List = get_default_sharders()
-    plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     if env.is_main:
         log.info("sharding plan:\n%s", plan)
     with NoTableDraws():

@@ -3,13 +3,14 @@
     mbrec synth  CONFIG                 write the synthetic dataset of [synth]
     mbrec train  CONFIG                 train in this process (a rank under torchrun/torchx)
     mbrec launch CONFIG -s local_cwd -j 1x2   train through torchx
-    mbrec export RUN --out DIR [--dtype int8]   a TorchScript serving artifact (quantized tables)
+    mbrec export RUN --out DIR [--dtype int8] [--layout single|sharded]   a serving artifact
     mbrec predict CONFIG --from RUN --data PATHS --out URI [--keep COLS] [-j 1x2]   batch scoring
     mbrec demo   [CONFIG]               synth + equal weights and MultiBalance runs + report
     mbrec report RUN_DIR...             results table, report.md and plots of finished runs
     mbrec validate CONFIG               scan every row group of the data once, report every error
     mbrec schema PATH...                draft a [data] section from Parquet logs (footers + a sample)
     mbrec plan CONFIG --nodes N --gpus-per-node G   sharding plan and memory per GPU, simulated
+    mbrec bench-scale CONFIG --rows 100000,1000000 -j 1x2   time and memory of the model-state paths
 
 Every command takes `--set section.key=value` overrides (TOML values; bare words are strings).
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -235,6 +237,41 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+def _scale_args(args) -> List[str]:
+    return ["--tables", str(args.tables), "--dim", str(args.dim), "--batch", str(args.batch),
+            "--steps", str(args.steps), "--out", args.out]
+
+
+def cmd_bench_scale(args) -> int:
+    """One job per table size (`bench-scale-worker` on -j NxP ranks); the tables of every size."""
+    from trainer.tools.scale import format_table, write_result
+    results = []
+    for rows in [int(r) for r in args.rows.split(",")]:
+        rc = launch(args.config, args.set, args.scheduler, args.j, component_fn="bench", port=args.port,
+                    extra=["--worker", "bench-scale-worker", "--gpu", str(args.gpu), "--", "--rows", str(rows)]
+                    + _scale_args(args) + set_tokens(args.set), pass_overrides=False)
+        if rc != 0:
+            return rc
+        ranks = [json.loads(p.read_text()) for p in sorted((Path(args.out) / str(rows)).glob("rank*.json"))]
+        results.append({"rows": rows, "tables": args.tables, "dim": args.dim, "batch": args.batch, "ranks": ranks})
+    write_result({"results": results}, Path(args.out) / "scale.json")
+    print(format_table(results))
+    return 0
+
+
+def cmd_bench_scale_worker(args) -> int:
+    from trainer.build import init_distributed
+    from trainer.tools.scale import run_scale, scale_config, write_result
+    cfg = scale_config(load_config(args.config, args.set), args.rows, args.tables, args.dim, args.batch)
+    env = init_distributed(cfg.trainer.pg_timeout_s, cfg.trainer.device)
+    out = Path(args.out) / str(args.rows)
+    result = run_scale(cfg, env, out / "work", args.steps)
+    write_result(result, out / f"rank{env.rank}.json")
+    if env.is_main:
+        shutil.rmtree(out / "work", ignore_errors=True)  # checkpoints and exports: gigabytes
+    return 0
+
+
 def cmd_validate(args) -> int:
     """Scans every row group of data.train and data.eval; exit 2 if any is bad."""
     from data.footers import read_footers
@@ -305,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
              "compare": "every balancing method + single-task models, paired over seeds",
              "bench": "training QPS of the variants", "plan": "sharding plan and memory per GPU, simulated",
              "validate": "decode every row group once; list every error",
-             "bench-data": "reader rows/s next to pyarrow's decode"}
+             "bench-data": "reader rows/s next to pyarrow's decode",
+             "bench-scale": "save, resume, predict and export: time and memory at growing table sizes"}
 
     def add(name: str, fn, config_required: bool = True):
         # internal commands (the workers torchx starts) get no help line: not listed
@@ -391,6 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             add_launcher(sp)
             sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    for name, fn in (("bench-scale", cmd_bench_scale), ("bench-scale-worker", cmd_bench_scale_worker)):
+        sp = add(name, fn)
+        if name == "bench-scale":
+            add_launcher(sp)
+            sp.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+            sp.add_argument("--rows", default="100000,500000,1000000", help="rows per table, one job per size")
+        else:
+            sp.add_argument("--rows", type=int, required=True)
+        sp.add_argument("--tables", type=int, default=26)
+        sp.add_argument("--dim", type=int, default=64)
+        sp.add_argument("--batch", type=int, default=4096, help="rows per rank and step")
+        sp.add_argument("--steps", type=int, default=5, help="steady steps timed")
+        sp.add_argument("--out", default="runs/bench/scale")
     sp = add("plan", cmd_plan)
     sp.add_argument("--nodes", type=int, default=1)
     sp.add_argument("--gpus-per-node", type=int, default=8)

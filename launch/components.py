@@ -178,6 +178,7 @@ def compare(
 
 def bench(
     *args: str,
+    worker: str = "bench-worker",
     config: str = "launch/configs/demo.toml",
     j: str = "1x2",
     name: str = "mbrec-bench",
@@ -188,10 +189,12 @@ def bench(
     memMB: int = 0,
     rdzv_port: int = 0,
 ) -> specs.AppDef:
-    """`mbrec bench-worker` on every rank (arguments after `--` are passed on).
+    """`mbrec bench-worker` (or another benchmark's worker) on every rank (arguments after `--`
+    are passed on).
 
     Args:
-        args: bench-worker options
+        args: the worker's options
+        worker: the worker's command (bench-worker, bench-scale-worker)
         config: TOML run config
         j: {nnodes}x{nproc_per_node}
         name: job name
@@ -203,6 +206,6 @@ def bench(
         rdzv_port: rendezvous port on the first node (0: a free port on a single node, 29500 across nodes)
     """
     cpu, memMB = node_resources(j, _workers(config, ()), cpu, memMB)
-    return with_agent(dist.ddp("bench-worker", config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
+    return with_agent(dist.ddp(worker, config, *args, m="launch.cli", image=image, name=name, h=h, cpu=cpu,
                                gpu=gpu, memMB=memMB, j=j, env={"PYTHONUNBUFFERED": "1"},
                                rdzv_port=rdzv_port or DEFAULT_RDZV_PORT), port=rdzv_port)

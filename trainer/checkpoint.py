@@ -91,7 +91,7 @@ PARTS = ("model", "optim", "balancer")
 BALANCER_PREFIX = "balancer."  # the balancer's buffers in the DMP state dict
 
 
-def _state(dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> dict:
+def checkpoint_state(dmp, optimizer, step: int, position: str = "", totals: Optional[torch.Tensor] = None) -> dict:
     """What a checkpoint holds. `position`: the data position as JSON (trainer.start), kept as a
     uint8 tensor of its bytes (written like every tensor, and sized by the checkpoint's metadata
     when read back). `totals`: the run's reader counters and training seconds up to `step`, over
@@ -214,7 +214,7 @@ class CheckpointDir:
         self.wait()
         ckpt = self.child(f"step-{step:09d}")
         writer = _writer(ckpt)
-        state = _state(dmp, optimizer, step, position, totals)
+        state = checkpoint_state(dmp, optimizer, step, position, totals)
         if not self.asynchronous:
             with deadline("writing checkpoint", ckpt, self.timeout_s):
                 self._saved(ckpt, lambda: dcp.save(state, storage_writer=writer), writer, None)
@@ -544,7 +544,7 @@ def _load(path: str, dmp, optimizer, parts: Sequence[str]) -> Loaded:
         for _, opt in optimizer.optimizers:
             if isinstance(opt, KeyedOptimizerWrapper):
                 opt.init_state()
-    state = _state(dmp, optimizer, 0)
+    state = checkpoint_state(dmp, optimizer, 0)
     state["progress"] = _progress(meta)
     chosen = {k: v for k, v in _flat(state) if part_of(k) in (*parts, "progress")}
     agreed(lambda: check_fits(path, meta, chosen, parts, _all_ranks(chosen)))

@@ -47,9 +47,9 @@ def _build(cfg, env, tables_loaded: bool):
 
 
 def _digest(dmp, optimizer) -> str:
-    from trainer.checkpoint import _flat, _local, _state
+    from trainer.checkpoint import _flat, _local, checkpoint_state
     h = hashlib.sha256()
-    for key, value in sorted(_flat(_state(dmp, optimizer, 0))):
+    for key, value in sorted(_flat(checkpoint_state(dmp, optimizer, 0))):
         for t in _local(value):
             h.update(key.encode() + t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -74,7 +74,7 @@ class _Verified(io.RawIOBase):
         self.raw, self.where, self.entry, self.chunk = raw, where, entry, chunk
         self.size, self.pos = int(entry["bytes"]), 0
         self.last = max(0, -(-self.size // chunk) - 1)
-        self.cache: Dict[int, bytes] = {}
+        self.cache: Dict[int, memoryview] = {}
 
     def readable(self) -> bool:
         return True
@@ -101,26 +101,26 @@ class _Verified(io.RawIOBase):
             self.pos += take
         return n
 
-    def _piece(self, i: int) -> bytes:
+    def _piece(self, i: int) -> memoryview:
         if i in self.cache:
             return self.cache[i]
         start = i * self.chunk
         want = min(self.chunk, self.size - start)
         self.raw.seek(start)
-        data = bytearray()
-        while len(data) < want and (got := self.raw.read(want - len(data))):
-            data += got
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != want or digest != self.entry["sha256"][i]:
-            found = (f"only {len(data)} of them are there" if len(data) != want else
+        piece, got = memoryview(bytearray(want)), 0  # read into place: no copy beyond the read's own
+        while got < want and (n := self.raw.readinto(piece[got:])):
+            got += n
+        digest = hashlib.sha256(piece[:got]).hexdigest()
+        if got != want or digest != self.entry["sha256"][i]:
+            found = (f"only {got} of them are there" if got != want else
                      f"they hash to sha256 {digest[:12]}..., the save wrote {self.entry['sha256'][i][:12]}...")
             raise CheckpointError(f"{self.where} differs from what the save wrote (bytes {start}-{start + want}: "
                                   f"{found}): it was changed or damaged after the save; load an earlier "
                                   f"checkpoint (trainer.init_from) or restore this one")
         for k in [k for k in self.cache if k != self.last]:
             del self.cache[k]
-        self.cache[i] = bytes(data)
-        return self.cache[i]
+        self.cache[i] = piece
+        return piece
 
 
 class Digesting:

@@ -1,5 +1,6 @@
 """Every balancer's state round-trips exactly: save at step k, resume, and step 2k equals the
-straight run bitwise (2 gloo ranks; eval predictions and task weights compared)."""
+straight run bitwise (2 gloo ranks; eval predictions and task weights compared); so does a
+run whose checkpoints are written in the background (trainer.async_checkpoint)."""
 import copy
 
 import numpy as np
@@ -10,7 +11,10 @@ from tests.dist_utils import run_ranks
 
 K = 6
 VARIANTS = [(m, ()) for m in REGISTRY] + [("multibalance", ("balancer.multibalance.deferred=false",)),
-                                          ("multibalance", ("balancer.multibalance.ema=false",))]
+                                          ("multibalance", ("balancer.multibalance.ema=false",)),
+                                          # written in the background while training goes on (steps 3, 6, 9)
+                                          ("multibalance", ("trainer.async_checkpoint=true",
+                                                            "trainer.checkpoint_every=3"))]
 
 
 def _all_variants(raw: dict, root: str):

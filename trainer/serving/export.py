@@ -184,39 +184,40 @@ class Tables:
         checkpoint.check_finite(self.ckpt, flat)
 
 
-class _OneTable:
-    """The one table torchrec's `quantize_state_dict` quantizes at a time (it reads a module's
-    state_dict: keys `...<table>.weight`)."""
-
-    def __init__(self, name: str, weight: torch.Tensor):
-        self.items = {f"embedding_bags.{name}.weight": weight}
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.items
-
-
 def write_single(served: Served, tables: Tables, dtype: str, folder: Path) -> Dict:
     """model.pt: the whole model as TorchScript. fp32: the tables read into the model one by
-    one; int8 / fp16: each read, quantized (TorchRec's inference quantization, row-wise) and let
-    go before the next, so the peak is the quantized model plus one float table."""
+    one; int8 / fp16: TorchRec's inference tables (QuantEBC) allocated once, and each table read,
+    quantized (fbgemm's row-wise quantization, as TorchRec's `quantize_embeddings`) and copied
+    into them before the next: the peak is the quantized model plus one float table."""
     import torchrec.fx
-    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC, quantize_state_dict
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
     ebc = served.model.ebc
     if dtype == "fp32":
         ebc.to_empty(device=torch.device("cpu"))  # (no init: every table is read next)
         for name, bag in ebc.embedding_bags.items():
             tables.weight(name, bag.weight.dtype, into=bag.weight.data)
     else:
-        kind = QUANT_TYPES[dtype]
-        configs = [dataclasses.replace(c, data_type=kind) for c in ebc.embedding_bag_configs()]
-        weights: Dict[str, tuple] = {}
+        configs = [dataclasses.replace(c, data_type=QUANT_TYPES[dtype]) for c in ebc.embedding_bag_configs()]
+        quant = QuantEBC(configs, ebc.is_weighted(), torch.device("cpu"), output_dtype=torch.float,
+                         quant_state_dict_split_scale_bias=True)
+        state = quant.state_dict()  # views of its kernels' weights: codes, and int8's scale and bias
         for c in configs:
-            quantize_state_dict(_OneTable(c.name, tables.weight(c.name, torch.float32)), weights, {c.name: kind})
-        served.model.ebc = QuantEBC(configs, ebc.is_weighted(), torch.device("cpu"), output_dtype=torch.float,
-                                    table_name_to_quantized_weights=weights)
-        del weights
+            _quantize_into(state, f"embedding_bags.{c.name}.", tables.weight(c.name, torch.float32), dtype)
+        served.model.ebc = quant
     torch.jit.script(torchrec.fx.symbolic_trace(served)).save(str(folder / "model.pt"))
     return {"layout": "single", "model": "model.pt"}
+
+
+def _quantize_into(state: Dict[str, torch.Tensor], prefix: str, weight: torch.Tensor, dtype: str) -> None:
+    """One float table [rows, dim] into a QuantEBC's state (split scale and bias)."""
+    dim = weight.shape[1]
+    if dtype == "fp16":
+        state[prefix + "weight"].copy_(weight.half().view(torch.uint8))
+        return
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(weight, 8)  # [rows, dim + 4]
+    state[prefix + "weight"].copy_(fused[:, :dim])
+    state[prefix + "weight_qscale"].copy_(fused[:, dim:dim + 2].contiguous().view(torch.float16))
+    state[prefix + "weight_qbias"].copy_(fused[:, dim + 2:].contiguous().view(torch.float16))
 
 
 def write_sharded(served: Served, tables: Tables, dtype: str, folder: Path) -> Dict:

@@ -139,10 +139,10 @@ def test_tables_are_drawn_once_on_a_fresh_start_and_never_when_loaded(state):
 def test_digests_are_written_per_piece(state):
     root, _ = state
     doc = json.loads((root / "sync" / "step-000000001" / "digests.json").read_text())
-    assert doc["format"] == 2 and doc["chunk_bytes"] == 8 * 2**20
+    assert doc["format"] == 2 and doc["algorithm"] == "crc32" and doc["chunk_bytes"] == 8 * 2**20
     files = {p.name: p.stat().st_size for p in (root / "sync" / "step-000000001").iterdir() if p.name != "digests.json"}
     assert {k: v["bytes"] for k, v in doc["files"].items()} == files
-    assert max(len(v["sha256"]) for v in doc["files"].values()) == 1  # a 6.4 MB table: 1 piece
+    assert max(len(v["crc32"]) for v in doc["files"].values()) == 1  # a 6.4 MB table: 1 piece
 
 
 def _one_rank_load(path: str, raw: dict) -> str:
@@ -161,7 +161,7 @@ def _one_rank_load(path: str, raw: dict) -> str:
 
 
 @pytest.mark.parametrize("damage, match", [
-    ("flip", r"file (__\d_\d+\.distcp) differs from what the save wrote \(bytes 0-\d+: they hash to"),
+    ("flip", r"file (__\d_\d+\.distcp) differs from what the save wrote \(bytes 0-\d+: their crc32 is"),
     ("truncate", r"file (__\d_\d+\.distcp) differs from what the save wrote \(bytes \d+-\d+: only \d+ of them"),
     ("foreign", r"file (__\d_\d+\.distcp) was not written by the save"),
 ])

@@ -115,7 +115,8 @@ def format_report(report: PlanReport, nodes: int, gpus_per_node: int) -> str:
     lines = [f"plan: {nodes} node(s) x {gpus_per_node} GPU(s) = {report.world_size} ranks, "
              f"{report.hbm_bytes / GIB:.1f} GiB usable HBM each (less {HBM_RESERVE / GIB:.0f} GiB for CUDA, NCCL "
              f"and fbgemm)", f"tables and optimizer state: largest rank / mean = {report.imbalance:.2f}; "
-             f"ranks without a table: {report.idle}", "", "table | rows | dim | sharding | ranks", "---|---|---|---|---"]
+             f"ranks without a table: {report.idle}", "", "table | rows | dim | sharding | ranks",
+             "---|---|---|---|---"]
     lines += [f"{t['name']} | {t['rows']:,} | {t['dim']} | {t['sharding_type']} | {t['ranks']}" for t in report.tables]
     lines += ["", "GiB per rank | tables | fused optimizer | dense (+grad, states) | activations (est.) | total",
               "---|---|---|---|---|---"]

@@ -12,10 +12,11 @@ rank's share of the checkpoint (tables and optimizer state). Phases, in order:
 - build: model on meta, fused optimizer, plan, DMP (tables drawn once);
 - first step, steady step (median of `--steps`);
 - save: a checkpoint (`trainer.checkpoint`), and `save async` (its blocking part: the state
-  staged to host memory) and `async write` (the rest, in the background: waited for here);
-- resume: a model built for loading (no draws) and the whole checkpoint loaded; `load` is its
-  load alone, `raw DCP load` DCP's own load of the same checkpoint into the same model (no
-  digests, no checks), for the ratio of the two;
+  staged to host memory) and `async write` (the rest, in the background: waited for here),
+  twice (the second stages into the memory of the first);
+- resume: a model built for loading (no draws) and the whole checkpoint loaded; then `raw DCP
+  load`, DCP's own load of the same checkpoint into the same model (no digests, no checks), and
+  `load`, ours again (both after a first read of the files), for the ratio of the two;
 - predict: a model built for loading, its model part loaded, one batch scored;
 - export (rank 0; the others wait): `export single int8` (one TorchScript file) and `export
   sharded int8`, each from the checkpoint with the tables read one at a time.
@@ -43,8 +44,9 @@ from trainer.build import DistEnv, build_train_module, build_training
 from trainer.tools.bench import random_batches
 from trainer.tools.memory import Phase, measured
 
-PHASES = ("build", "first step", "steady step", "save", "save async", "async write", "resume", "load",
-          "raw DCP load", "predict", "export single int8", "export sharded int8")
+PHASES = ("build", "first step", "steady step", "save", "save async", "async write", "save async again",
+          "async write again", "resume", "raw DCP load", "load", "predict", "export single int8",
+          "export sharded int8")
 
 
 def scale_config(cfg, rows: int, tables: int, dim: int, batch: int):
@@ -104,7 +106,11 @@ def run_scale(cfg, env: DistEnv, out: Path, steps: int) -> Dict:
         background.save(dmp, optimizer, 1)
     with phase("async write"):
         background.wait()
-    del dmp, optimizer, pipeline
+    with phase("save async again"):  # into the staging memory of the first
+        background.save(dmp, optimizer, 2)
+    with phase("async write again"):
+        background.wait()
+    del dmp, optimizer, pipeline, background  # (the background saves' host copies with it)
     _resume(cfg, env, ckpt, phases)
     _predict(cfg, env, ckpt, batches[0], phases)
     _exports(cfg, env, ckpt, out, phases)
@@ -113,18 +119,22 @@ def run_scale(cfg, env: DistEnv, out: Path, steps: int) -> Dict:
 
 
 def _resume(cfg, env: DistEnv, ckpt: str, phases: Dict[str, Phase]) -> None:
+    """resume (a model built for loading, and the load); then DCP's raw load and ours again,
+    each after the other has read the files (the page cache alike for both)."""
     _barrier()
     gc.collect()
     with measured() as whole:
         dmp, optimizer, _ = _built(cfg, env, tables_loaded=True)
-        _barrier()
-        with measured() as load:
-            checkpoint.load(ckpt, dmp, optimizer)
-    phases["resume"], phases["load"] = whole, load
+        checkpoint.load(ckpt, dmp, optimizer)
+    phases["resume"] = whole
     _barrier()
     with measured() as raw:  # DCP alone, into the same model: the floor of a load
         dcp.load(checkpoint.checkpoint_state(dmp, optimizer, 0), checkpoint_id=ckpt)
     phases["raw DCP load"] = raw
+    _barrier()
+    with measured() as load:
+        checkpoint.load(ckpt, dmp, optimizer)
+    phases["load"] = load
 
 
 def _predict(cfg, env: DistEnv, ckpt: str, batch, phases: Dict[str, Phase]) -> None:

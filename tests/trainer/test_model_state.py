@@ -247,3 +247,24 @@ def test_an_export_reads_one_table_at_a_time(state, tiny_synth, tmp_path):
     # what scripting and DCP's planning take whatever the size (~0.2x at this small size)
     assert peaks["single", "int8"] < 0.8 * tables
     assert peaks["sharded", "int8"] < 0.4 * tables and peaks["sharded", "fp32"] < 0.4 * tables
+
+
+def test_a_background_save_that_fails_is_raised_at_the_next_wait(tmp_path):
+    from trainer.checkpoint import CheckpointDir
+    from trainer.errors import CheckpointWriteError
+
+    class NoOptim:
+        def state_dict(self):
+            return {}
+
+    model = torch.nn.Linear(8, 8)
+    ckpts = CheckpointDir(tmp_path / "checkpoints", asynchronous=True)
+    ckpts.prepare()
+    (tmp_path / "checkpoints" / "step-000000001").write_text("a file where the checkpoint's directory goes")
+    ckpts.save(model, NoOptim(), 1)  # returns once staged
+    with pytest.raises(CheckpointWriteError, match="saving checkpoint .*step-000000001 failed"):
+        ckpts.wait()
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+    ckpts.save(model, NoOptim(), 2)  # the next one is written
+    ckpts.wait()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000000002"

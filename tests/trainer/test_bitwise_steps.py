@@ -5,7 +5,9 @@ buffers, the Gram in flight). Cuts to MultiBalance's cost must not change one bi
 
 The golden was written, before any of those cuts, with
     MBREC_WRITE_GOLDEN=1 python -m pytest tests/trainer/test_bitwise_steps.py
-on torch 2.13.0 / torchrec 1.8.0 (CPU). Another stack rounds some kernels differently: there the
+on torch 2.13.0 / torchrec 1.8.0 (CPU), and written again when the tables came to be drawn once
+instead of twice (trainer.build.NoTableDraws: other initial tables, the same steps; with the
+former draws the code of that change still matched the former golden bit for bit). Another stack rounds some kernels differently: there the
 weights are compared with a tolerance and the digests are not (the test says so in its name)."""
 from __future__ import annotations
 

@@ -1,9 +1,15 @@
 """A serving artifact: the trained model unsharded onto one device, its embedding tables
-quantized with TorchRec's inference quantization, as TorchScript, with a manifest.
+quantized with TorchRec's inference quantization, as TorchScript, with a manifest; or, for a
+model larger than a host, its dense part as TorchScript and its tables as row-range shards.
 
-    mbrec export RUN_DIR|CHECKPOINT --out DIR [--dtype int8|fp16|fp32]
+    mbrec export RUN_DIR|CHECKPOINT --out DIR [--dtype int8|fp16|fp32] [--layout single|sharded]
 
-DIR holds:
+The checkpoint's tables are read one at a time (`Tables`): each is quantized into TorchRec's
+inference tables (`write_single`) or written as shards (`write_sharded`) before the next is
+read, so the float model is never in memory (but for `--dtype fp32 --layout single`, whose file
+is the float model).
+
+DIR holds (`--layout single`):
 - `model.pt`: TorchScript (torchrec.fx trace, then `torch.jit.script`), loadable with
   `torch.jit.load` where torch and torchrec (for fbgemm's kernels) are installed, no mbrec.
   `model(dense, values, lengths) -> [B, M]`: `dense` [B, D] float32, the raw dense columns in
@@ -18,6 +24,10 @@ DIR holds:
   run's identity digest, the embedding dtype, the library versions.
 - `hashing.py`: the id mapping the reader applies (a copy of data/hashing.py: numpy and
   pyarrow only), so a serving process maps ids exactly as training did.
+
+`--layout sharded`: `dense.pt`, `tables/<table>/*.npy`, `manifest.json` (with the tables'
+shards), `hashing.py` and `load_sharded.py`, the reference loader (its docstring and
+docs/serving.md give the format).
 """
 # No `from __future__ import annotations`: torchrec.fx keeps the annotations of Served.forward,
 # which TorchScript must be able to read as types, not strings.

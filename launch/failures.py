@@ -71,9 +71,14 @@ def stopped_earlier(logs: Path) -> Optional[str]:
 def _leave_stop_note(logs: Path, rank: str, text: str) -> None:
     if _job() in ("", "none"):
         return
+    # every failing rank writes it, and torchrun may kill one mid-write once another has exited:
+    # written whole under a name of the rank's own, then renamed (a torn note would be unreadable,
+    # and the next attempt would fail again, the same way)
+    tmp = logs / f".{STOP_NOTE}.rank{rank}.tmp"
     try:
-        (logs / STOP_NOTE).write_text(json.dumps({"job": _job(), "rank": rank, "error": text,
-                                                  "attempt": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}))
+        tmp.write_text(json.dumps({"job": _job(), "rank": rank, "error": text,
+                                   "attempt": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}))
+        os.replace(tmp, logs / STOP_NOTE)
     except OSError:  # a courtesy to the next attempt: without it that attempt fails again, the same way
         pass
 
